@@ -1,0 +1,159 @@
+"""Frozen open_clip backbones and the one prompted forward pass every method shares.
+
+Backbones are created through open_clip's own factory (``open_clip.create_model``), so any open_clip
+model name works, with a pretrained tag, a local checkpoint path, or random init. mlgate's embedded
+backbone is registered as an ordinary open_clip model config (``mlgate-tiny``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlgate.errors import MlgateError
+
+EMBEDDED_BACKBONE = "mlgate-tiny"
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(_CONFIG_DIR)
+
+
+@dataclass(frozen=True)
+class ImageNorm:
+    """What images must look like for a backbone: size and normalization."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class PromptedCLIP(nn.Module):
+    """A frozen open_clip CLIP whose text tower takes token *embeddings*, so methods can insert prompts.
+
+    The text tower is driven block by block (open_clip ≥2.26 is batch-first), which is what deep
+    prompts need; sequences are trimmed to the longest prompt in use instead of the full 77 tokens,
+    with the causal mask and positional embeddings cut to match.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, name: str) -> None:
+        super().__init__()
+        text = getattr(model, "text", model)  # CustomTextCLIP keeps its text tower in .text
+        for attr in ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask"):
+            if getattr(text, attr, None) is None:
+                raise MlgateError(
+                    f"backbone {name!r}: its text tower has no {attr!r}; mlgate prompts open_clip "
+                    "models with a CLIP-style text transformer (not HF text towers)."
+                )
+        self.name = name
+        self.model = model.eval().requires_grad_(False)
+        self.text = text
+        self.tokenizer = tokenizer
+        cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+        size = cfg.get("size", model.visual.image_size)
+        self.image_norm = ImageNorm(
+            size=int(size[0] if isinstance(size, (tuple, list)) else size),
+            mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        )
+
+    def train(self, mode: bool = True) -> PromptedCLIP:
+        # The backbone stays in eval mode (no dropout, frozen statistics) whatever the method does.
+        return self
+
+    @property
+    def text_width(self) -> int:
+        return self.text.token_embedding.embedding_dim
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids (N, context_length) on the backbone's device."""
+        return self.tokenizer(texts).to(self.text.token_embedding.weight.device)
+
+    @staticmethod
+    def eot_index(tokens: torch.Tensor) -> torch.Tensor:
+        """Position of the end-of-text token (the highest id in CLIP's vocabulary) per sequence."""
+        return tokens.argmax(dim=-1)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (N, L, D) of token ids."""
+        return self.text.token_embedding(tokens)
+
+    def encode_text_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """Text features (N, E) of a batch of embedded prompts (N, L, D) pooled at ``eot_index``.
+
+        L may be shorter than the model's context length; it must exceed every ``eot_index``.
+        """
+        length = x.shape[1]
+        cast = self.text.transformer.get_cast_dtype()
+        x = x.to(cast) + self.text.positional_embedding[:length].to(cast)
+        mask = self.text.attn_mask[:length, :length]
+        for block in self.text.transformer.resblocks:
+            x = block(x, attn_mask=mask)
+        x = self.text.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        proj = self.text.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image features (N, E) from the frozen vision tower."""
+        return self.model.encode_image(images)
+
+    @torch.no_grad()
+    def encode_class_texts(self, texts: list[str]) -> torch.Tensor:
+        """Normalized features of plain text prompts (zero-shot classifier weights)."""
+        tokens = self.tokenize(texts)
+        eot = self.eot_index(tokens)
+        tokens = tokens[:, : int(eot.max()) + 1]
+        return F.normalize(self.encode_text_embeddings(self.embed_tokens(tokens), eot), dim=-1)
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    # Random init is asked for explicitly (pretrained=None); open_clip's warning about it is noise.
+    def drop(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def load_backbone(name: str, pretrained: str | None, device: torch.device | str = "cpu") -> PromptedCLIP:
+    """Create a frozen :class:`PromptedCLIP` from an open_clip model name.
+
+    ``pretrained`` is an open_clip pretrained tag (``openai``), a local checkpoint path, or None for
+    random init. Loading problems become :class:`MlgateError` naming the weights.
+    """
+    if name not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if name.lower().split("-")[0] in m.lower()][:8]
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise MlgateError(
+            f"backbone.name: unknown open_clip model {name!r}.{hint} The embedded default is "
+            f"{EMBEDDED_BACKBONE!r}; `python -c 'import open_clip; print(open_clip.list_models())'` lists all."
+        )
+    try:
+        with _quiet_random_init():
+            model = open_clip.create_model(
+                name, pretrained=pretrained, device=device, require_pretrained=pretrained is not None
+            )
+    except Exception as exc:  # download / file / state-dict errors: say which weights and how to provide them
+        raise MlgateError(
+            f"backbone.pretrained: could not load weights {pretrained!r} for {name!r} ({exc}). Give an "
+            "open_clip pretrained tag whose weights are cached or downloadable, or a local checkpoint "
+            "path (backbone.pretrained=/path/to/model.pt); set backbone.pretrained=null for random init."
+        ) from None
+    return PromptedCLIP(model, open_clip.get_tokenizer(name), name)

@@ -1,0 +1,146 @@
+"""Datasets and the few-shot base-to-novel protocol (CoOp / CoCoOp / MaPLe).
+
+K shots per class are drawn with a seed from the training pool, validation gets min(K, 4) shots,
+base classes are the first ceil(n/2) labels and novel classes the rest; training sees base classes
+only, and evaluation reports base and novel test accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlgate.clip import ImageNorm
+from mlgate.errors import MlgateError
+
+BUNDLED_DATASET = "digits"
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@dataclass
+class Split:
+    """Images (N, 3, H, W), already normalized for the backbone, and global class labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class FewShotData:
+    """What one trial trains and evaluates on."""
+
+    name: str
+    classnames: list[str]
+    base: list[int]
+    novel: list[int]
+    train: Split
+    val: Split
+    test_base: Split
+    test_novel: Split
+
+    def summary(self) -> dict:
+        """The contract's ``mlgate data summary`` object."""
+        return {
+            "dataset": self.name,
+            "n_classes": len(self.classnames),
+            "base_classes": [self.classnames[i] for i in self.base],
+            "novel_classes": [self.classnames[i] for i in self.novel],
+            "splits": {
+                "train": len(self.train),
+                "val": len(self.val),
+                "test_base": len(self.test_base),
+                "test_novel": len(self.test_novel),
+            },
+        }
+
+
+def split_base_novel(n_classes: int) -> tuple[list[int], list[int]]:
+    """Base = the first ceil(n/2) labels, novel = the rest (CoCoOp's subsample_classes)."""
+    m = math.ceil(n_classes / 2)
+    return list(range(m)), list(range(m, n_classes))
+
+
+def few_shot_indices(labels: np.ndarray, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, ``shots`` training and ``min(shots, 4)`` disjoint validation indices (seeded)."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        pool = rng.permutation(np.flatnonzero(labels == c))
+        train.append(pool[:shots])
+        val.append(pool[shots : shots + min(shots, 4)])
+    return np.concatenate(train), np.concatenate(val)
+
+
+def _subset(images: torch.Tensor, labels: np.ndarray, idx: np.ndarray) -> Split:
+    return Split(images[torch.as_tensor(idx)], torch.as_tensor(labels[idx], dtype=torch.long))
+
+
+def _by_classes(split: Split, classes: list[int]) -> Split:
+    keep = torch.isin(split.labels, torch.tensor(classes, dtype=torch.long))
+    return Split(split.images[keep], split.labels[keep])
+
+
+def _to_model_images(gray: np.ndarray, norm: ImageNorm) -> torch.Tensor:
+    # (N, h, w) in [0, 1] → (N, 3, S, S) normalized with the backbone's mean/std.
+    x = torch.as_tensor(gray, dtype=torch.float32).unsqueeze(1)
+    x = F.interpolate(x, size=(norm.size, norm.size), mode="bilinear", align_corners=False)
+    x = x.repeat(1, 3, 1, 1)
+    mean = torch.tensor(norm.mean).view(1, 3, 1, 1)
+    std = torch.tensor(norm.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def load_digits_dataset(shots: int, seed: int, norm: ImageNorm, subsample: str = "base") -> FewShotData:
+    """scikit-learn's bundled 8×8 digits (1,797 images, 10 classes) under the few-shot protocol.
+
+    The pool/test split is fixed (half of each class each); the few-shot draw follows ``seed``.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    labels = digits.target.astype(np.int64)
+    images = _to_model_images(digits.images / 16.0, norm)
+    fixed = np.random.default_rng(0)
+    pool, test = [], []
+    for c in range(10):
+        idx = fixed.permutation(np.flatnonzero(labels == c))
+        pool.append(idx[: len(idx) // 2])
+        test.append(idx[len(idx) // 2 :])
+    pool_idx, test_idx = np.concatenate(pool), np.concatenate(test)
+    train_rel, val_rel = few_shot_indices(labels[pool_idx], shots, seed)
+    train = _subset(images, labels, pool_idx[train_rel])
+    val = _subset(images, labels, pool_idx[val_rel])
+    test_split = _subset(images, labels, test_idx)
+    if subsample == "all":
+        base, novel = list(range(10)), []
+    else:
+        base, novel = split_base_novel(10)
+    return FewShotData(
+        name=BUNDLED_DATASET,
+        classnames=list(DIGIT_NAMES),
+        base=base,
+        novel=novel,
+        train=_by_classes(train, base),
+        val=_by_classes(val, base),
+        test_base=_by_classes(test_split, base),
+        test_novel=_by_classes(test_split, novel) if novel else Split(test_split.images[:0], test_split.labels[:0]),
+    )
+
+
+DATASETS = {BUNDLED_DATASET: load_digits_dataset}
+
+
+def load_dataset(name: str, shots: int, seed: int, norm: ImageNorm, subsample: str = "base") -> FewShotData:
+    """The few-shot splits of dataset ``name`` prepared for a backbone's image size and normalization."""
+    if name not in DATASETS:
+        raise MlgateError(
+            f"data.name: unknown dataset {name!r}; available here: {', '.join(sorted(DATASETS))}."
+        )
+    return DATASETS[name](shots=shots, seed=seed, norm=norm, subsample=subsample)

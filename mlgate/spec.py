@@ -1,0 +1,465 @@
+"""Study specs: the YAML files in ``studies/``, validated by Pydantic.
+
+A spec fixes everything a trial needs (method, backbone, data, training, logging) and a ``search``
+block of Optuna distributions keyed by dotted paths into the spec. A trial's config is the spec with
+the sampled values written at those paths, validated again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from mlgate.errors import SpecError
+from mlgate.methods import config_classes
+from mlgate.methods.base import StrictModel
+
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+
+# --------------------------------------------------------------------------------------------------
+# Search space: Optuna's own abbreviated distribution keys (type/low/high/step/log/choices).
+
+
+class FloatDistribution(StrictModel):
+    type: Literal["float"]
+    low: float
+    high: float
+    step: float | None = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _optuna_rules(self) -> FloatDistribution:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot both be set (Optuna: log xor step)")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale float needs low > 0 (got {self.low})")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step must be > 0 (got {self.step})")
+        return self
+
+
+class IntDistribution(StrictModel):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = 1
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _optuna_rules(self) -> IntDistribution:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        if self.step <= 0:
+            raise ValueError(f"step must be > 0 (got {self.step})")
+        if self.log and (self.step != 1 or self.low < 1):
+            raise ValueError("a log-scale int needs low >= 1 and step 1 (Optuna: log xor step)")
+        return self
+
+
+class CategoricalDistribution(StrictModel):
+    type: Literal["categorical"]
+    choices: list[None | bool | int | float | str] = Field(min_length=1)
+
+
+Distribution = Annotated[
+    Union[FloatDistribution, IntDistribution, CategoricalDistribution], Field(discriminator="type")
+]
+
+# --------------------------------------------------------------------------------------------------
+# Samplers and pruners.
+
+
+class TPESamplerSpec(StrictModel):
+    type: Literal["tpe"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = Field(10, ge=0)
+    multivariate: bool = True
+
+
+class RandomSamplerSpec(StrictModel):
+    type: Literal["random"]
+    seed: int | None = 0
+
+
+class QMCSamplerSpec(StrictModel):
+    type: Literal["qmc"]
+    seed: int | None = 0
+
+
+class GPSamplerSpec(StrictModel):
+    type: Literal["gp"]
+    seed: int | None = 0
+    n_startup_trials: int = Field(10, ge=0)
+
+
+SamplerSpec = Annotated[
+    Union[TPESamplerSpec, RandomSamplerSpec, QMCSamplerSpec, GPSamplerSpec], Field(discriminator="type")
+]
+
+
+class NoPrunerSpec(StrictModel):
+    type: Literal["none"]
+
+
+class MedianPrunerSpec(StrictModel):
+    type: Literal["median"] = "median"
+    n_startup_trials: int = Field(5, ge=0)
+    n_warmup_steps: int = Field(0, ge=0)
+    interval_steps: int = Field(1, ge=1)
+
+
+class PercentilePrunerSpec(StrictModel):
+    type: Literal["percentile"]
+    percentile: float = Field(25.0, gt=0.0, lt=100.0)
+    n_startup_trials: int = Field(5, ge=0)
+    n_warmup_steps: int = Field(0, ge=0)
+    interval_steps: int = Field(1, ge=1)
+
+
+class HyperbandPrunerSpec(StrictModel):
+    type: Literal["hyperband"]
+    min_resource: int = Field(1, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+
+
+class ThresholdPrunerSpec(StrictModel):
+    """Prune a trial whose objective leaves [lower, upper] after the warmup."""
+
+    type: Literal["threshold"]
+    lower: float | None = None
+    upper: float | None = None
+    n_warmup_steps: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ThresholdPrunerSpec:
+        if self.lower is None and self.upper is None:
+            raise ValueError("set lower, upper or both")
+        return self
+
+
+PrunerSpec = Annotated[
+    Union[NoPrunerSpec, MedianPrunerSpec, PercentilePrunerSpec, HyperbandPrunerSpec, ThresholdPrunerSpec],
+    Field(discriminator="type"),
+]
+
+# --------------------------------------------------------------------------------------------------
+# Sections.
+
+
+class StudySection(StrictModel):
+    name: str | None = Field(None, description="Optuna study name and MLflow study run name (default: file stem).")
+    n_trials: int = Field(10, ge=1, description="Finished trials (COMPLETE or PRUNED) the study runs to.")
+    direction: Literal["maximize", "minimize"] = "maximize"
+    objective: str = Field("acc/val", description="Metric reported to Optuna at each evaluation.")
+    sampler: SamplerSpec = Field(default_factory=TPESamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=MedianPrunerSpec)
+    max_consecutive_failures: int = Field(
+        3, ge=1, description="Stop the study (exit 1) after this many failed trials in a row."
+    )
+
+
+class BackboneSpec(StrictModel):
+    name: str = Field("mlgate-tiny", description="open_clip model name (e.g. ViT-B-16-quickgelu).")
+    pretrained: str | None = Field(
+        None, description="open_clip pretrained tag (openai), local checkpoint path, or null for random init."
+    )
+
+
+class DataSpec(StrictModel):
+    name: str = Field("digits", description="Dataset name (the bundled one is 'digits').")
+    root: str | None = Field(None, description="Folder that holds the dataset's own folder.")
+    shots: int = Field(16, ge=1, description="Training images per class (K).")
+    seed: int = Field(1, description="Seed of the few-shot draw.")
+    subsample: Literal["base", "all"] = Field(
+        "base", description="Train on base classes and test base+novel, or train and test on all classes."
+    )
+
+
+class OptimizerSpec(StrictModel):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.002, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only.")
+    nesterov: bool = Field(False, description="SGD only.")
+    weight_decay: float = Field(5e-4, ge=0.0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW only.")
+
+
+class ScheduleSpec(StrictModel):
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_lr: float = Field(1e-5, gt=0.0, description="Constant LR during warmup (CoOp/Dassl style).")
+
+
+class TrainSpec(StrictModel):
+    steps: int | None = Field(None, ge=1, description="Optimizer steps per trial (default 100).")
+    epochs: float | None = Field(
+        None, gt=0, description="Alternative to steps: passes over the few-shot training set."
+    )
+    batch_size: int = Field(32, ge=1)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    gate_lr_mult: float = Field(1.0, gt=0.0, description="Gate learning rate = lr × this.")
+    grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm (null: off).")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    eval_interval: int = Field(50, ge=1, description="Evaluate (and report to Optuna) every this many steps.")
+    seed: int = 0
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_or_epochs(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            steps, epochs = data.get("steps"), data.get("epochs")
+            if steps is not None and epochs is not None:
+                raise ValueError("set only one of train.steps and train.epochs (set the other to null)")
+            if steps is None and epochs is None:
+                data = {**data, "steps": 100}
+        return data
+
+
+class VerdictThresholds(StrictModel):
+    """Contract §4: when a gated run counts as collapsed."""
+
+    gap_log10: float = Field(2.0, description="Median grad/gap_log10 over the second half at or above this.")
+    drift: float = Field(0.05, ge=0.0, description="Final gate/drift below this.")
+    batch_std: float = Field(0.01, ge=0.0, description="Final gate/batch_std below this (where logged).")
+
+
+class LoggingSpec(StrictModel):
+    diagnostics_every: int = Field(1, ge=1, description="Compute gradient/gate diagnostics every N steps.")
+    flush_every: int = Field(50, ge=1, description="Send buffered metrics to MLflow every N steps.")
+    verdict: VerdictThresholds = Field(default_factory=VerdictThresholds)
+
+
+# --------------------------------------------------------------------------------------------------
+# The spec.
+
+_method_classes = config_classes()
+MethodSpec = (
+    Annotated[Union[_method_classes], Field(discriminator="name")]  # type: ignore[valid-type]
+    if len(_method_classes) > 1
+    else _method_classes[0]
+)
+
+
+class StudySpec(StrictModel):
+    """A whole study: what each trial trains, how Optuna searches, and where results go."""
+
+    experiment: str | None = Field(None, description="MLflow experiment (default: the study name).")
+    description: str = ""
+    study: StudySection = Field(default_factory=StudySection)
+    method: MethodSpec = Field(default_factory=lambda: _method_classes[0]())  # type: ignore[valid-type]
+    backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    search: dict[str, Distribution] = Field(
+        default_factory=dict, description="Dotted spec path → Optuna distribution."
+    )
+
+    @field_validator("search")
+    @classmethod
+    def _search_keys(cls, search: dict[str, Any]) -> dict[str, Any]:
+        for key in search:
+            if key.split(".")[0] in ("study", "search", "experiment", "logging"):
+                raise ValueError(f"{key!r}: only method, backbone, data and train settings can be searched")
+        return search
+
+    @model_validator(mode="after")
+    def _search_paths_exist(self) -> StudySpec:
+        resolved = self.model_dump(exclude={"search"})
+        for key in self.search:
+            node: Any = resolved
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise ValueError(f"search key {key!r} is not a setting of this spec")
+                node = node[part]
+            if isinstance(node, dict):
+                raise ValueError(f"search key {key!r} names a section; search a single setting inside it")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.study.name or "study"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or self.name
+
+    def to_yaml(self) -> str:
+        """The resolved spec (every default filled in) as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat_params(self) -> dict[str, str]:
+        """The resolved config as dotted keys → canonical strings (MLflow params)."""
+        return {k: _canonical(v) for k, v in flatten(self.model_dump(mode="json", exclude={"search"})).items()}
+
+    def with_values(self, values: dict[str, Any]) -> StudySpec:
+        """A copy with ``values`` (dotted path → value) written in, validated again."""
+        data = self.model_dump(mode="json")
+        for key, value in values.items():
+            set_dotted(data, key, value)
+        return StudySpec.model_validate(data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides, errors.
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts → {"a.b.c": value}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _canonical(value: Any) -> str:
+    # One string form per value, so a resumed trial never re-logs a param as '7' vs '7.0'.
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return "null" if value is None else str(value)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Write ``value`` at dotted ``key`` in nested dicts, creating sections as needed."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` → (key, YAML-parsed value); ``train.steps=20`` gives 20, ``x=null`` gives None."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.steps=20")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _study_dirs() -> list[Path]:
+    # ./studies of the working directory first (a user's own), then the ones mlgate ships.
+    return list(dict.fromkeys([Path.cwd() / "studies", STUDIES_DIR]))
+
+
+def list_studies() -> list[Path]:
+    """The spec files in ``studies/`` (one per name; the working directory's win)."""
+    found: dict[str, Path] = {}
+    for folder in _study_dirs():
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+            found.setdefault(path.stem, path)
+    return [found[name] for name in sorted(found)]
+
+
+def resolve_study_path(study: str) -> Path:
+    """A study name from ``studies/`` (without .yaml) or a path to a YAML file."""
+    candidate = Path(study)
+    if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
+        if not candidate.is_file():
+            raise SpecError(f"{study}: no such spec file.")
+        return candidate
+    for folder in _study_dirs():
+        path = folder / f"{study}.yaml"
+        if path.is_file():
+            return path
+    names = ", ".join(p.stem for p in list_studies()) or "(none)"
+    raise SpecError(f"{study}: no study of that name in studies/ and no such file. Known studies: {names}.")
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    # Drop pydantic's union-member tags (e.g. 'coop', 'float', 'function-after[...]') from the path.
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))]
+    return ".".join(parts) or "(top level)"
+
+
+_UNION_TAGS = {"float", "int", "categorical", "tpe", "random", "qmc", "gp", "none", "median", "percentile",
+               "hyperband", "threshold", *(c.model_fields["name"].default for c in _method_classes)}
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        where = _format_loc(err["loc"])
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling; `mlgate schema` lists every valid key)"
+        if err["type"] not in ("extra_forbidden", "missing") and "input" in err and not isinstance(err["input"], dict):
+            msg += f" (got {err['input']!r})"
+        problems.append(f"{where}: {msg}")
+    return problems
+
+
+def validate_data(data: dict[str, Any], source: str) -> StudySpec:
+    """Validate raw spec data; every problem is reported at once as a :class:`SpecError`."""
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"{source}: invalid study spec.", _problems(exc)) from None
+    problems = _check_search_values(spec)
+    if problems:
+        raise SpecError(f"{source}: invalid study spec.", problems)
+    return spec
+
+
+def _check_search_values(spec: StudySpec) -> list[str]:
+    # Every value the sampler can draw must give a valid trial config: check bounds and each choice.
+    problems = []
+    for key, dist in spec.search.items():
+        probes = dist.choices if isinstance(dist, CategoricalDistribution) else [dist.low, dist.high]
+        for value in probes:
+            try:
+                spec.with_values({key: value})
+            except ValidationError as exc:
+                detail = "; ".join(_problems(exc))
+                problems.append(f"search.{key}: value {value!r} would make an invalid trial config ({detail})")
+    return problems
+
+
+def load_spec(study: str | Path, overrides: list[str] | None = None) -> StudySpec:
+    """Load, override (``--set`` style ``KEY=VALUE`` strings) and validate a spec."""
+    path = resolve_study_path(str(study))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)}).") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec ({exc.strerror}).") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a study spec is a YAML mapping with sections study, method, train, ...")
+    data = copy.deepcopy(data)
+    data.setdefault("study", {})
+    if isinstance(data["study"], dict):
+        data["study"].setdefault("name", path.stem)
+    source = str(path)
+    for text in overrides or []:
+        key, value = parse_assignment(text)
+        set_dotted(data, key, value)
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    return validate_data(data, source)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a study spec."""
+    return StudySpec.model_json_schema()

@@ -1,0 +1,252 @@
+"""The study driver: an Optuna study whose trials train prompt learners and land in MLflow.
+
+``run_study`` creates the study or resumes it (same name, same storage) and runs trials until the
+spec's count of finished trials (COMPLETE + PRUNED) is reached; failed trials do not count.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from mlgate.errors import MlgateError, StudyFailed
+from mlgate.spec import CategoricalDistribution, FloatDistribution, StudySpec
+from mlgate.tracking import StudyTracker, redact, resolve_tracking_uri
+from mlgate.training import EVAL_METRICS, train
+from mlgate.verdicts import Thresholds
+
+STUDY_RUN_ATTR = "mlgate.study_run_id"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def default_storage_path(tracking_uri: str) -> Path:
+    """The journal file beside a SQLite MLflow db (``mlflow.db`` → ``mlflow.optuna.journal``), else in cwd."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return db.with_name(db.stem + ".optuna.journal")
+    return Path.cwd() / "mlgate.optuna.journal"
+
+
+def make_storage(url: str | None, tracking_uri: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a URL: RDB URLs (sqlite://, postgresql://, mysql://) as they are,
+    ``journal:PATH`` or a ``*.journal`` path as a journal file (the default, safe for several processes)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if url is None or url.startswith("journal:") or url.endswith(".journal"):
+        path = default_storage_path(tracking_uri) if url is None else Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise MlgateError(
+            f"--storage {redact(url)!r}: not an Optuna storage URL. Use sqlite:///path.db, "
+            "postgresql://user@host/db, mysql://..., or journal:/path/to/file.journal."
+        )
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}}
+                                          if url.startswith("sqlite") else None)
+    except Exception as exc:
+        raise MlgateError(f"--storage {redact(url)!r}: cannot open the Optuna storage ({exc}).") from None
+
+
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    s = spec.study.sampler
+    if s.type == "tpe":
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate)
+    if s.type == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.type == "qmc":
+        return optuna.samplers.QMCSampler(seed=s.seed)
+    return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    p = spec.study.pruner
+    if p.type == "none":
+        return optuna.pruners.NopPruner()
+    if p.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps,
+                                           interval_steps=p.interval_steps)
+    if p.type == "percentile":
+        return optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.n_startup_trials,
+                                               n_warmup_steps=p.n_warmup_steps, interval_steps=p.interval_steps)
+    if p.type == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=p.lower, upper=p.upper, n_warmup_steps=p.n_warmup_steps)
+    return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=spec.train.steps or "auto",
+                                          reduction_factor=p.reduction_factor)
+
+
+def suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
+    """Sample every entry of the spec's search block (Optuna param name = dotted spec path)."""
+    values: dict[str, Any] = {}
+    for key, dist in spec.search.items():
+        if isinstance(dist, CategoricalDistribution):
+            values[key] = trial.suggest_categorical(key, dist.choices)
+        elif isinstance(dist, FloatDistribution):
+            values[key] = trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            values[key] = trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
+    return values
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+class Objective:
+    """One Optuna trial = one MLflow child run = one call of the training loop."""
+
+    def __init__(self, spec: StudySpec, tracker: StudyTracker, echo: Callable[[str], None]) -> None:
+        self.spec, self.tracker, self.echo = spec, tracker, echo
+        self.thresholds = Thresholds(**spec.logging.verdict.model_dump())
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        sampled = suggest(trial, self.spec)
+        trial_spec = self.spec.with_values(sampled)
+        run = self.tracker.start_trial(trial.number, trial_spec.method.name, trial_spec.flat_params(), sampled)
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        objective = self.spec.study.objective
+
+        def report(step: int, metrics: dict[str, float]) -> None:
+            trial.report(metrics[objective], step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{objective}={metrics[objective]:.4g} at step {step}")
+
+        try:
+            outcome = train(trial_spec, sink=run, on_eval=report)
+        except optuna.TrialPruned:
+            run.end("PRUNED", run.history.verdict(self.thresholds))
+            trial.set_user_attr("verdict", run.history.verdict(self.thresholds))
+            self.echo(f"trial {trial.number}: PRUNED  ({run.history.verdict(self.thresholds)})")
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the run must be closed whatever happened
+            run.end("FAIL", run.history.verdict(self.thresholds), error=exc)
+            self.echo(f"trial {trial.number}: FAIL  {type(exc).__name__}: {exc}")
+            raise
+        run.end("COMPLETE", outcome.verdict)
+        trial.set_user_attr("verdict", outcome.verdict)
+        value = outcome.objective(objective)
+        self.echo(f"trial {trial.number}: COMPLETE  {objective}={value:.4g}  verdict={outcome.verdict}")
+        return value
+
+
+def run_study(spec: StudySpec, tracking_uri: str | None = None, storage: str | None = None,
+              echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Create or resume the study and run it to ``spec.study.n_trials`` finished trials.
+
+    Returns the study summary (also logged to the study run). Raises :class:`StudyFailed` after
+    ``study.max_consecutive_failures`` failed trials in a row.
+    """
+    if spec.study.objective not in EVAL_METRICS:
+        raise MlgateError(f"study.objective: {spec.study.objective!r} is not reported at evaluation; "
+                          f"valid: {', '.join(EVAL_METRICS)}.")
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # mlgate reports each trial itself
+    study = optuna.create_study(
+        study_name=spec.name, storage=make_storage(storage, tracking_uri), sampler=make_sampler(spec),
+        pruner=make_pruner(spec), direction=spec.study.direction, load_if_exists=True,
+    )
+    tracker = StudyTracker(tracking_uri, spec.experiment_name, spec.name)
+    run_id = tracker.open_study_run(study.user_attrs.get(STUDY_RUN_ATTR), spec.to_yaml(), spec.flat_params())
+    study.set_user_attr(STUDY_RUN_ATTR, run_id)
+    objective = Objective(spec, tracker, echo)
+    target = spec.study.n_trials
+    echo(f"study {spec.name}: {count_finished(study)}/{target} trials finished; experiment "
+         f"{spec.experiment_name!r} at {redact(tracking_uri)}")
+
+    failures, status = 0, "FINISHED"
+    try:
+        while count_finished(study) < target:
+            if failures >= spec.study.max_consecutive_failures:
+                raise StudyFailed(
+                    f"study {spec.name}: {failures} trials failed in a row (study.max_consecutive_failures); "
+                    "stopping instead of burning the budget. Each failed run has its error as error.txt."
+                )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna warns per caught failure; the run has the error
+                study.optimize(objective, n_trials=1, catch=(Exception,))
+            last = study.trials[-1]
+            failures = failures + 1 if last.state == TrialState.FAIL else 0
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        summary = summarize(study, spec)
+        with tempfile.TemporaryDirectory(prefix="mlgate-") as tmp:
+            save_plots(study, Path(tmp))
+            tracker.close_study_run(summary, Path(tmp), status)
+    return summary
+
+
+def summarize(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
+    """Best trial, counts by state and verdict, parameter importances."""
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name for t in trials)
+    verdicts = Counter(t.user_attrs.get("verdict") for t in trials if t.user_attrs.get("verdict"))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = None
+    if complete:
+        b = study.best_trial
+        best = {"trial": b.number, "value": b.value, "params": b.params, "run_id": b.user_attrs.get("mlflow_run_id")}
+    return {
+        "study": spec.name,
+        "objective": spec.study.objective,
+        "direction": spec.study.direction,
+        "n_trials_target": spec.study.n_trials,
+        "counts": dict(sorted(counts.items())),
+        "verdicts": dict(sorted(verdicts.items())),
+        "best": best,
+        "importances": importances(study),
+    }
+
+
+def importances(study: optuna.Study) -> dict[str, float] | None:
+    """Optuna's parameter importances, or None while there are too few completed trials to tell."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2 or not any(t.params for t in complete):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "importances will be equal" with very few trials
+            return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def save_plots(study: optuna.Study, out: Path) -> None:
+    """Optuna's plots as PNGs (they open in the MLflow UI without a network)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    plots = {"optimization_history": ovm.plot_optimization_history}
+    if any(t.params for t in complete):
+        plots.update(parallel_coordinate=ovm.plot_parallel_coordinate, slice=ovm.plot_slice)
+        if importances(study):
+            plots["param_importances"] = ovm.plot_param_importances
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    for name, plot in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                result = plot(study)
+            except (ValueError, RuntimeError):
+                continue  # e.g. a plot that needs two distinct values of a param
+        axes = result.ravel()[0] if hasattr(result, "ravel") else result
+        axes.figure.savefig(out / f"{name}.png", dpi=90, bbox_inches="tight")
+        plt.close(axes.figure)

@@ -1,0 +1,175 @@
+"""MLflow layout of contract §2: one study run per study, one child run per Optuna trial.
+
+Built on ``MlflowClient`` with explicit run ids (not the thread-local fluent stack), so it works the
+same in any thread or process. Per-step metrics are sent in batches with ``log_batch``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mlgate import __version__
+from mlgate.verdicts import MetricHistory
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+ROLE, STUDY, TRIAL, METHOD, STATE, VERDICT = (
+    "mlgate.role", "mlgate.study", "mlgate.trial", "mlgate.method", "mlgate.state", "mlgate.verdict"
+)
+_RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The flag, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def redact(url: str) -> str:
+    """``scheme://user:secret@host`` → ``scheme://user:***@host`` (credentials never land in MLflow)."""
+    return re.sub(r"(://[^:/@]+):[^@/]+@", r"\1:***@", url)
+
+
+class TrialRun:
+    """An MLflow child run for one trial; also the trainer's metric sink."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.history = MetricHistory()
+
+    def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """One ``log_batch`` for many steps (the client splits it into compliant chunks)."""
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+        self.history.add(rows)
+
+    def log_artifacts(self, local_dir: Path) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir))
+
+    def end(self, state: str, verdict: str, error: BaseException | None = None) -> None:
+        """Tag the outcome and close the run: FINISHED, KILLED (pruned / interrupted) or FAILED."""
+        tags = [RunTag(STATE, state), RunTag(VERDICT, verdict)]
+        if error is not None:
+            tags.append(RunTag("mlgate.error", f"{type(error).__name__}: {error}"[:500]))
+            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            self.client.log_text(self.run_id, text, "error.txt")
+        self.client.log_batch(self.run_id, tags=tags)
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else _RUN_STATUS[state]
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class StudyTracker:
+    """Owns the experiment and the study run of one study."""
+
+    def __init__(self, tracking_uri: str, experiment: str, study_name: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.study_name = study_name
+        self.experiment_id = self._experiment(experiment)
+        self.study_run_id: str | None = None
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:  # another worker created it first
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def open_study_run(self, known_run_id: str | None, spec_yaml: str, params: dict[str, str]) -> str:
+        """Reuse the study's run (from an earlier session, or the one ``mlflow run`` opened in this
+        experiment) or create it; mark it RUNNING. Returns its id."""
+        project_run_id = os.environ.get("MLFLOW_RUN_ID")
+        run_id = known_run_id
+        if run_id is None and project_run_id:
+            project = self.client.get_run(project_run_id)
+            if project.info.experiment_id == self.experiment_id:
+                run_id = project_run_id
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=self.study_name)
+            run_id = run.info.run_id
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.client.log_batch(run_id, tags=[
+            RunTag(ROLE, "study"), RunTag(STUDY, self.study_name), RunTag("mlflow.runName", self.study_name),
+            RunTag("mlgate.version", __version__),
+        ])
+        self.client.log_text(run_id, spec_yaml, "spec.yaml")
+        if project_run_id and project_run_id != run_id:
+            # `mlflow run` put its run in another experiment (runs cannot move): link the two.
+            self.client.set_tag(project_run_id, "mlgate.study_run_id", run_id)
+            self.client.set_tag(project_run_id, "mlflow.note.content",
+                                f"mlgate study `{self.study_name}` logs to experiment id {self.experiment_id}, "
+                                f"study run `{run_id}`.")
+            self.client.set_tag(run_id, "mlgate.project_run_id", project_run_id)
+        self.study_run_id = run_id
+        return run_id
+
+    def start_trial(self, number: int, method: str, params: dict[str, str],
+                    sampled: dict[str, Any]) -> TrialRun:
+        """A child run of the study run, named ``<study>-t0007``, with the resolved config as params."""
+        assert self.study_run_id is not None, "open_study_run first"
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{self.study_name}-t{number:04d}",
+            tags={
+                "mlflow.parentRunId": self.study_run_id, ROLE: "trial", STUDY: self.study_name,
+                TRIAL: str(number), METHOD: method, STATE: "RUNNING",
+                "mlgate.sampled": ", ".join(sorted(sampled)) or "(none)",
+            },
+        )
+        self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        return TrialRun(self.client, run.info.run_id)
+
+    def close_study_run(self, summary: dict[str, Any], artifacts_dir: Path | None, status: str = "FINISHED") -> None:
+        """Log the study summary and end the study run."""
+        run_id = self.study_run_id
+        assert run_id is not None
+        self.client.log_dict(run_id, summary, "summary.json")
+        counts = summary.get("counts", {})
+        metrics = [Metric(f"study/n_{k.lower()}", float(v), int(time.time() * 1000), 0) for k, v in counts.items()]
+        if summary.get("best") is not None:
+            metrics.append(Metric("study/best_value", float(summary["best"]["value"]), int(time.time() * 1000), 0))
+        tags = [RunTag("mlflow.note.content", summary_note(summary))]
+        if summary.get("best") is not None:
+            tags.append(RunTag("mlgate.best_trial", str(summary["best"]["trial"])))
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        if artifacts_dir is not None and any(artifacts_dir.iterdir()):
+            self.client.log_artifacts(run_id, str(artifacts_dir), "optuna")
+        self.client.set_terminated(run_id, status=status)
+
+
+def summary_note(summary: dict[str, Any]) -> str:
+    """Markdown description for the study run (MLflow shows it as the run's note)."""
+    lines = [f"## mlgate study `{summary['study']}`", ""]
+    counts = ", ".join(f"{v} {k.lower()}" for k, v in summary.get("counts", {}).items())
+    lines.append(f"Trials: {counts or 'none'}.")
+    best = summary.get("best")
+    if best:
+        lines.append(f"Best: trial {best['trial']} ({summary['objective']} = {best['value']:.4g}), "
+                     f"run `{best.get('run_id')}`, params `{best['params']}`.")
+    verdicts = summary.get("verdicts")
+    if verdicts:
+        lines.append("Verdicts: " + ", ".join(f"{v} {k}" for k, v in verdicts.items()) + ".")
+    importances = summary.get("importances")
+    if importances:
+        lines.append("Parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()) + ".")
+    return "\n".join(lines)
+

@@ -1,0 +1,287 @@
+"""The training loop: one trial of one method on a frozen CLIP, start to finish.
+
+Knows nothing of Optuna or MLflow: metrics go to a :class:`Sink`, evaluations to an ``on_eval``
+callback (which may raise to stop the trial, e.g. ``optuna.TrialPruned``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlgate.clip import PromptedCLIP, load_backbone
+from mlgate.data import FewShotData, Split, load_dataset
+from mlgate.diagnostics import Diagnostics
+from mlgate.methods import PromptMethod, build_method
+from mlgate.spec import StudySpec, TrainSpec
+from mlgate.verdicts import MetricHistory, Thresholds
+
+EVAL_METRICS = ("acc/val", "acc/base", "acc/novel", "acc/hm")
+
+
+class Sink(Protocol):
+    """Where a trial's metrics and artifacts go (an MLflow trial run, or nothing)."""
+
+    def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None: ...
+
+    def log_artifacts(self, local_dir: Path) -> None: ...
+
+
+class NullSink:
+    """Keeps nothing: for training outside a study."""
+
+    def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        pass
+
+    def log_artifacts(self, local_dir: Path) -> None:
+        pass
+
+
+@dataclass
+class TrialOutcome:
+    """What a finished (or stopped) trial produced."""
+
+    final: dict[str, float] = field(default_factory=dict)
+    history: dict[str, list[float]] = field(default_factory=dict)
+    verdict: str = "static"
+
+    def objective(self, metric: str) -> float:
+        return self.final[metric]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(method: PromptMethod, cfg: TrainSpec) -> torch.optim.Optimizer:
+    """SGD or AdamW over the method's groups; the gate group's LR is scaled by ``gate_lr_mult``."""
+    groups = []
+    for name, params in method.param_groups().items():
+        mult = cfg.gate_lr_mult if name == "gate" else 1.0
+        groups.append({"params": params, "name": name, "lr_mult": mult, "lr": cfg.optimizer.lr * mult})
+    opt = cfg.optimizer
+    if opt.name == "adamw":
+        return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0,
+                           weight_decay=opt.weight_decay)
+
+
+def check_optimizer_covers(method: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Fail loudly if a trainable parameter is not held by the optimizer (the reference code's
+    orphaned-gate bug: replaced Parameter objects keep receiving gradients but are never stepped)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    orphans = [n for n, p in method.named_parameters() if p.requires_grad and id(p) not in held]
+    if orphans:
+        raise RuntimeError(f"trainable parameters not held by the optimizer: {', '.join(orphans)}")
+
+
+def lr_factor(step: int, total: int, cfg: TrainSpec) -> float | None:
+    """Cosine (or constant) schedule after a constant-LR warmup; None during warmup."""
+    warm = cfg.schedule.warmup_steps
+    if step < warm:
+        return None
+    if cfg.schedule.name == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def total_steps(cfg: TrainSpec, n_train: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * math.ceil(n_train / cfg.batch_size)))
+
+
+class FeatureCache:
+    """Frozen image features, computed once, for methods that do not prompt the vision tower."""
+
+    def __init__(self, clip: PromptedCLIP, device: torch.device, batch: int = 256) -> None:
+        self.clip, self.device, self.batch = clip, device, batch
+
+    @torch.no_grad()
+    def __call__(self, split: Split) -> Split:
+        feats = [self.clip.encode_image(split.images[i : i + self.batch].to(self.device))
+                 for i in range(0, len(split), self.batch)]
+        images = torch.cat(feats) if feats else torch.empty(0, self.clip.model.visual.output_dim, device=self.device)
+        return Split(images, split.labels.to(self.device))
+
+
+@torch.no_grad()
+def accuracy(method: PromptMethod, split: Split, classes: list[int], batch: int = 256) -> float:
+    """Top-1 accuracy (percent) of ``method`` on ``split`` among ``classes``."""
+    if len(split) == 0:
+        return float("nan")
+    device = split.labels.device
+    class_ids = torch.tensor(classes, device=device)
+    correct = 0
+    for i in range(0, len(split), batch):
+        logits = method(split.images[i : i + batch].to(device), class_ids)
+        correct += int((class_ids[logits.argmax(-1)] == split.labels[i : i + batch]).sum())
+    return 100.0 * correct / len(split)
+
+
+def evaluate(method: PromptMethod, data: FewShotData, splits: dict[str, Split]) -> dict[str, float]:
+    """acc/val, acc/base, acc/novel and their harmonic mean acc/hm (percent)."""
+    was_training = method.training
+    method.eval()
+    out = {
+        "acc/val": accuracy(method, splits["val"], data.base),
+        "acc/base": accuracy(method, splits["test_base"], data.base),
+    }
+    if data.novel:
+        out["acc/novel"] = accuracy(method, splits["test_novel"], data.novel)
+        b, n = out["acc/base"], out["acc/novel"]
+        out["acc/hm"] = 0.0 if b + n == 0 else 2 * b * n / (b + n)
+    else:
+        out["acc/hm"] = out["acc/base"]
+    method.train(was_training)
+    return out
+
+
+def _save_gate_artifacts(out: Path, steps: list[int], gates: list[np.ndarray]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    trajectory = np.stack(gates)
+    np.save(out / "trajectory.npy", trajectory)
+    np.save(out / "steps.npy", np.asarray(steps))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i in range(trajectory.shape[1]):
+        ax.plot(steps, trajectory[:, i], label=f"gate {i}")
+    ax.set(xlabel="step", ylabel="σ(g)", title="Gate activations over training", ylim=(0, 1))
+    if trajectory.shape[1] <= 16:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "trajectory.png", dpi=100)
+    plt.close(fig)
+
+
+def train(spec: StudySpec, sink: Sink | None = None,
+          on_eval: Callable[[int, dict[str, float]], None] | None = None) -> TrialOutcome:
+    """Train ``spec.method`` for ``spec.train`` and return the final metrics and verdict.
+
+    ``on_eval(step, metrics)`` is called after every evaluation; it may raise to stop the trial,
+    after which the metrics so far have already been sent to ``sink``.
+    """
+    sink = sink or NullSink()
+    cfg = spec.train
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    clip = load_backbone(spec.backbone.name, spec.backbone.pretrained, device)
+    data = load_dataset(spec.data.name, spec.data.shots, spec.data.seed, clip.image_norm, spec.data.subsample)
+    method = build_method(spec.method, clip, data.classnames).to(device)
+    raw = {"train": data.train, "val": data.val, "test_base": data.test_base, "test_novel": data.test_novel}
+    if method.prompts_vision:
+        splits = {k: Split(s.images.to(device), s.labels.to(device)) for k, s in raw.items()}
+    else:
+        cache = FeatureCache(clip, device)
+        splits = {k: cache(s) for k, s in raw.items()}
+
+    optimizer = build_optimizer(method, cfg)
+    check_optimizer_covers(method, optimizer)
+    groups = method.param_groups()
+    diagnostics = Diagnostics(groups.get("prompt", []), method.gate_logits())
+
+    steps = total_steps(cfg, len(splits["train"]))
+    steps_per_epoch = max(1, math.ceil(len(splits["train"]) / cfg.batch_size))
+    base_ids = torch.tensor(data.base, device=device)
+    # Global label → position among the base classes (the logits' columns).
+    target_of = torch.full((len(data.classnames),), -1, dtype=torch.long, device=device)
+    target_of[base_ids] = torch.arange(len(data.base), device=device)
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+
+    history = MetricHistory()
+    gate_steps: list[int] = []
+    gate_values: list[np.ndarray] = []
+
+    def record_gates(step: int) -> None:
+        gates = method.gate_logits()
+        if gates is not None:
+            gate_steps.append(step)
+            gate_values.append(torch.sigmoid(gates.detach()).float().cpu().numpy())
+
+    def flush() -> None:
+        rows = diagnostics.drain()
+        if not rows:
+            return
+        history.add(rows)
+        sink.log_metrics(rows)
+        bad = next((s for s, m in rows if not math.isfinite(m["loss/total"])), None)
+        if bad is not None:
+            raise FloatingPointError(f"the loss became non-finite at step {bad}")
+
+    trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    history.add([(0, {"params/trainable": float(trainable)})])
+    sink.log_metrics([(0, {"params/trainable": float(trainable)})])
+    record_gates(0)
+    method.train()
+    train_split = splits["train"]
+    try:
+        for step in range(1, steps + 1):
+            factor = lr_factor(step - 1, steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = (cfg.schedule.warmup_lr if factor is None
+                               else cfg.optimizer.lr * group["lr_mult"] * factor)
+
+            idx = torch.randperm(len(train_split), generator=generator)[: cfg.batch_size].to(device)
+            logits = method(train_split.images[idx], base_ids)
+            loss_cls = F.cross_entropy(logits, target_of[train_split.labels[idx]])
+            regularizers = method.regularizers()
+            loss_reg = sum(regularizers.values(), torch.zeros((), device=device))
+            loss = loss_cls + loss_reg
+
+            diagnose = step % spec.logging.diagnostics_every == 0 or step == steps
+            reg_grads = diagnostics.term_gate_grads(regularizers) if diagnose and regularizers else None
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if diagnose:
+                diagnostics.record(step, loss, loss_cls, loss_reg, reg_grads)
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_([p for g in groups.values() for p in g], cfg.grad_clip)
+            optimizer.step()
+
+            if step % steps_per_epoch == 0 or step == steps:
+                record_gates(step)
+            if step % spec.logging.flush_every == 0:
+                flush()
+            if step % cfg.eval_interval == 0 or step == steps:
+                flush()
+                metrics = evaluate(method, data, splits)
+                history.add([(step, metrics)])
+                sink.log_metrics([(step, metrics)])
+                if on_eval is not None:
+                    on_eval(step, metrics)
+    finally:
+        # Whatever stopped the loop (the end, pruning, an error), what was measured is kept.
+        flush()
+        _log_gate_artifacts(sink, gate_steps, gate_values)
+    return TrialOutcome(final=history.final, history=history.series,
+                        verdict=history.verdict(Thresholds(**spec.logging.verdict.model_dump())))
+
+
+def _log_gate_artifacts(sink: Sink, gate_steps: list[int], gate_values: list[np.ndarray]) -> None:
+    if gate_values:
+        with tempfile.TemporaryDirectory() as tmp:
+            _save_gate_artifacts(Path(tmp) / "gates", gate_steps, gate_values)
+            sink.log_artifacts(Path(tmp))

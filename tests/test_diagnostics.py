@@ -1,0 +1,114 @@
+"""Diagnostics against hand computations, verdicts, and what the training loop's options really do."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mlgate.diagnostics import Diagnostics, cancellation, group_grad_norm
+from mlgate.spec import StudySpec
+from mlgate.training import train
+from mlgate.verdicts import ADAPTIVE, COLLAPSED, PRUNED, STATIC, Thresholds, second_half_median, verdict
+from tests.conftest import TINY, deep_update
+
+
+def test_group_grad_norm_is_the_joint_l2_norm():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0, 12.0])
+    assert group_grad_norm([a, b]).item() == pytest.approx(13.0)
+
+
+def test_cancellation_is_zero_when_terms_agree_and_near_one_when_they_oppose():
+    g = torch.tensor([1.0, -2.0, 0.5])
+    assert cancellation([g, 2 * g, 0.5 * g]).item() == pytest.approx(0.0, abs=1e-6)
+    assert cancellation([g, -g * 0.999]).item() == pytest.approx(1.0, abs=1e-3)
+    assert cancellation([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])]).item() == pytest.approx(1 - 1 / math.sqrt(2))
+
+
+def test_record_matches_hand_computation():
+    prompt = torch.nn.Parameter(torch.zeros(4))
+    gates = torch.nn.Parameter(torch.tensor([0.0, 2.0]))
+    diag = Diagnostics([prompt], gates)
+    with torch.no_grad():
+        gates.copy_(torch.tensor([1.0, 2.0]))  # moved after init
+    prompt.grad = torch.full((4,), 50.0)  # norm 100
+    gates.grad = torch.tensor([0.6, 0.8])  # norm 1
+    sparsity_grad = torch.tensor([0.1, 0.1])
+    diag.record(7, torch.tensor(2.0), torch.tensor(1.5), torch.tensor(0.5), [sparsity_grad])
+    [(step, m)] = diag.drain()
+    sig = torch.sigmoid(torch.tensor([1.0, 2.0]))
+    assert step == 7
+    assert m["loss/total"] == 2.0 and m["loss/cls"] == 1.5 and m["loss/reg"] == 0.5
+    assert m["grad/prompt_norm"] == pytest.approx(100.0)
+    assert m["grad/gate_norm"] == pytest.approx(1.0)
+    assert m["grad/gap_log10"] == pytest.approx(2.0)
+    assert m["gate/mean"] == pytest.approx(sig.mean().item())
+    assert m["gate/min"] == pytest.approx(sig[0].item()) and m["gate/max"] == pytest.approx(sig[1].item())
+    assert m["gate/drift"] == pytest.approx((sig[0] - 0.5).item())
+    assert m["gate/effective_length"] == pytest.approx(sig.sum().item())
+    assert m["gate/batch_std"] == 0.0
+    cls_grad = torch.tensor([0.5, 0.7])  # total minus the regularizer's part
+    expected = 1 - 1.0 / (cls_grad.norm() + sparsity_grad.norm()).item()
+    assert m["grad/gate_cancellation"] == pytest.approx(expected, rel=1e-5)
+    assert diag.drain() == []
+
+
+def test_verdicts():
+    collapsed = {"gate/mean": [0.5] * 4, "grad/gap_log10": [1.0, 1.0, 2.5, 3.0], "gate/drift": [0.0, 0.01],
+                 "gate/batch_std": [0.0]}
+    assert verdict(collapsed) == COLLAPSED
+    assert verdict({**collapsed, "gate/drift": [0.2]}) == ADAPTIVE  # gates moved
+    assert verdict({**collapsed, "grad/gap_log10": [3.0, 3.0, 1.0, 1.5]}) == ADAPTIVE  # gap closed late
+    assert verdict({**collapsed, "gate/batch_std": [0.3]}) == ADAPTIVE  # input-dependent gates
+    assert verdict(collapsed, Thresholds(gap_log10=3.5)) == ADAPTIVE
+    assert verdict({"loss/total": [1.0]}) == STATIC
+    assert verdict({"mask/active_tokens": [64, 32, 16]}, t_target=16) == PRUNED
+    assert verdict({"mask/active_tokens": [64, 32, 32]}) == PRUNED
+    assert second_half_median([9.0, 9.0, 1.0, 2.0, 3.0]) == 2.0
+
+
+def _spec(**sections) -> StudySpec:
+    return StudySpec.model_validate(deep_update(TINY, sections))
+
+
+def test_training_logs_the_vocabulary_every_step():
+    rows = []
+
+    class Keep:
+        def log_metrics(self, r):
+            rows.extend(r)
+
+        def log_artifacts(self, d):
+            rows.append(("artifacts", sorted(p.name for p in d.rglob("*"))))
+
+    outcome = train(_spec(), Keep())
+    diag_steps = [s for s, m in rows if isinstance(m, dict) and "grad/gap_log10" in m]
+    assert diag_steps == list(range(1, 7))
+    assert ("artifacts", ["gates", "steps.npy", "trajectory.npy", "trajectory.png"]) in rows
+    for key in ("acc/val", "acc/base", "acc/novel", "acc/hm", "params/trainable", "gate/drift"):
+        assert key in outcome.final
+    b, n = outcome.final["acc/base"], outcome.final["acc/novel"]
+    assert outcome.final["acc/hm"] == pytest.approx(2 * b * n / (b + n))
+    assert outcome.verdict in (COLLAPSED, ADAPTIVE)
+
+
+def test_gradient_clipping_bounds_the_update():
+    sgd = {"lr": 1.0, "momentum": 0.0, "weight_decay": 0.0}
+    free = train(_spec(train={"optimizer": sgd, "steps": 2}))
+    clipped = train(_spec(train={"optimizer": sgd, "steps": 2, "grad_clip": 1e-3}))
+    # Same first gradient (metrics are taken before the clip), but the clipped step barely moves the gates.
+    assert free.history["grad/gate_norm"][0] == pytest.approx(clipped.history["grad/gate_norm"][0])
+    assert 0 < clipped.history["gate/drift"][1] < free.history["gate/drift"][1] / 10
+
+
+def test_sgd_and_adamw_train_differently():
+    sgd = train(_spec(train={"optimizer": {"name": "sgd"}}))
+    adamw = train(_spec(train={"optimizer": {"name": "adamw"}}))
+    assert sgd.final["gate/drift"] != pytest.approx(adamw.final["gate/drift"])
+
+
+def test_non_finite_loss_fails_the_trial():
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train(_spec(train={"optimizer": {"lr": 1e30}, "steps": 6}))
