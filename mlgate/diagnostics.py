@@ -6,7 +6,7 @@ of them to the host in a single transfer, so diagnostics never sync the host per
 
 from __future__ import annotations
 
-import math
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from torch import nn
 _EPS = 1e-30  # keeps log10 finite when a gradient is exactly zero
 
 
-def group_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+def group_grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
     """L2 norm of the gradients of ``params`` together (0 where none has a gradient)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -22,76 +22,103 @@ def group_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def cancellation(term_grads: list[torch.Tensor]) -> torch.Tensor:
+def cancellation(term_grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """1 − ‖Σₖ gₖ‖ / Σₖ ‖gₖ‖ over the loss terms' gradients (0 = all agree, →1 = they cancel)."""
-    total = torch.stack(term_grads).sum(0)
+    total = torch.stack(list(term_grads)).sum(0)
     denominator = torch.stack([torch.linalg.vector_norm(g) for g in term_grads]).sum()
     return 1.0 - torch.linalg.vector_norm(total) / denominator.clamp_min(_EPS)
 
 
-class Diagnostics:
-    """Records the contract's ``loss/*``, ``grad/*`` and ``gate/*`` metrics for one method.
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) in nats, elementwise (0 at p∈{0,1}, log 2 at p=0.5)."""
+    p = p.clamp(1e-7, 1 - 1e-7)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
 
-    ``record`` is called after ``backward()`` and before the optimizer step (gradients unclipped).
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+class Diagnostics:
+    """Records ``loss/*``, ``grad/*`` and ``gate/*`` metrics for one model.
+
+    ``prompt_params`` and ``gate_params`` are the parameter groups; ``activation`` maps gate logits to
+    gate values (σ by default). ``record`` is called after ``backward()`` and before the optimizer step.
     """
 
-    def __init__(self, prompt_params: list[nn.Parameter], gate_logits: torch.Tensor | None) -> None:
-        self.prompt_params = prompt_params
-        self.gate_logits = gate_logits
-        self.gate_init = None if gate_logits is None else torch.sigmoid(gate_logits.detach()).clone()
-        self.keys: list[str] = ["loss/total", "loss/cls", "loss/reg", "grad/prompt_norm"]
-        if gate_logits is not None:
-            self.keys += [
-                "grad/gate_norm", "grad/gap_log10", "grad/gate_cancellation",
-                "gate/mean", "gate/min", "gate/max", "gate/drift", "gate/batch_std", "gate/effective_length",
-            ]
+    def __init__(self, prompt_params: Sequence[nn.Parameter], gate_params: Sequence[nn.Parameter] = (),
+                 activation: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid) -> None:
+        self.prompt_params = list(prompt_params)
+        self.gate_params = list(gate_params)
+        self.activation = activation
+        self.gate_init = self.gate_values().detach().clone() if self.gate_params else None
         self._steps: list[int] = []
+        self._keys: list[tuple[str, ...]] = []
         self._rows: list[torch.Tensor] = []
 
-    def term_gate_grads(self, regularizers: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Gradients of each regularizer on the gates. Call before ``backward()`` (graphs are kept)."""
-        if self.gate_logits is None:
+    def gate_values(self) -> torch.Tensor:
+        """All gate activations as one flat tensor."""
+        return _flat([self.activation(p) for p in self.gate_params])
+
+    def term_gate_grads(self, terms: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Flat gate gradients of each loss term. Call before ``backward()`` (graphs are kept)."""
+        if not self.gate_params:
             return []
-        grads = []
-        for term in regularizers.values():
-            (g,) = torch.autograd.grad(term, self.gate_logits, retain_graph=True, allow_unused=True)
-            grads.append(torch.zeros_like(self.gate_logits) if g is None else g)
-        return grads
+        out = []
+        for term in terms.values():
+            grads = torch.autograd.grad(term, self.gate_params, retain_graph=True, allow_unused=True)
+            out.append(_flat([torch.zeros_like(p) if g is None else g for p, g in zip(self.gate_params, grads)]))
+        return out
 
     @torch.no_grad()
-    def record(self, step: int, total: torch.Tensor, cls: torch.Tensor, reg: torch.Tensor,
-               reg_gate_grads: list[torch.Tensor] | None = None) -> None:
-        """Queue this step's metrics (as one device tensor)."""
-        prompt_norm = group_grad_norm(self.prompt_params).to(total.device)
-        row = [total.detach(), cls.detach(), reg.detach(), prompt_norm]
-        if self.gate_logits is not None:
-            gate_grad = self.gate_logits.grad
-            gate_grad = torch.zeros_like(self.gate_logits) if gate_grad is None else gate_grad
+    def record(self, step: int, losses: dict[str, torch.Tensor] | None = None,
+               reg_gate_grads: Sequence[torch.Tensor] | None = None) -> None:
+        """Queue this step's metrics as one device tensor.
+
+        ``losses`` maps metric names (``loss/total``...) to scalars. ``reg_gate_grads`` are the
+        regularizers' gate gradients (:meth:`term_gate_grads`): the classification term's is the total
+        minus theirs (linearity), so cancellation needs no extra backward pass through the model.
+        """
+        keys: list[str] = []
+        row: list[torch.Tensor] = []
+        for key, value in (losses or {}).items():
+            keys.append(key)
+            row.append(value.detach())
+        prompt_norm = group_grad_norm(self.prompt_params)
+        keys.append("grad/prompt_norm")
+        row.append(prompt_norm)
+        if self.gate_params:
+            gate_grad = _flat([torch.zeros_like(p) if p.grad is None else p.grad for p in self.gate_params])
             gate_norm = torch.linalg.vector_norm(gate_grad)
-            gap = torch.log10(prompt_norm.clamp_min(_EPS) / gate_norm.clamp_min(_EPS))
-            # The classification term's gate gradient is the total minus the regularizers' (linearity),
-            # so cancellation costs no extra backward pass through CLIP.
-            reg_grads = reg_gate_grads or []
-            terms = [gate_grad - sum(reg_grads)] + reg_grads if reg_grads else [gate_grad]
-            act = torch.sigmoid(self.gate_logits)
+            prompt_norm = prompt_norm.to(gate_grad.device)
+            reg = list(reg_gate_grads or [])
+            terms = [gate_grad - torch.stack(reg).sum(0)] + reg if reg else [gate_grad]
+            act = self.gate_values()
+            keys += ["grad/gate_norm", "grad/gap_log10", "grad/gate_cancellation", "gate/mean", "gate/min",
+                     "gate/max", "gate/drift", "gate/batch_std", "gate/effective_length", "gate/entropy"]
             row += [
-                gate_norm, gap, cancellation(terms),
-                act.mean(), act.min(), act.max(), (act - self.gate_init).abs().max(),
+                gate_norm,
+                torch.log10(prompt_norm.clamp_min(_EPS) / gate_norm.clamp_min(_EPS)),
+                cancellation(terms),
+                act.mean(), act.min(), act.max(),
+                (act - self.gate_init).abs().max(),
                 torch.zeros((), device=act.device),  # static gates do not depend on the input
                 act.sum(),
+                binary_entropy(act).mean(),
             ]
+        device = row[-1].device
         self._steps.append(step)
-        self._rows.append(torch.stack([r.float().reshape(()) for r in row]))
+        self._keys.append(tuple(keys))
+        self._rows.append(torch.stack([r.to(device).float().reshape(()) for r in row]))
 
     def drain(self) -> list[tuple[int, dict[str, float]]]:
         """Everything queued since the last drain, moved to the host in one transfer."""
         if not self._rows:
             return []
-        values = torch.stack(self._rows).cpu().tolist()
-        out = [(s, dict(zip(self.keys, v))) for s, v in zip(self._steps, values)]
-        self._steps, self._rows = [], []
+        values = torch.cat(self._rows).cpu().tolist()
+        out, start = [], 0
+        for step, keys in zip(self._steps, self._keys):
+            out.append((step, dict(zip(keys, values[start : start + len(keys)]))))
+            start += len(keys)
+        self._steps, self._keys, self._rows = [], [], []
         return out
-
-
-def finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))

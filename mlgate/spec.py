@@ -153,6 +153,13 @@ PrunerSpec = Annotated[
 # Sections.
 
 
+class CollapsePruningSpec(StrictModel):
+    """Early warning: prune a trial whose gates look collapsed (contract §4) after a warm-up."""
+
+    enabled: bool = False
+    warmup_steps: int = Field(20, ge=1, description="Judge only at evaluations from this step on.")
+
+
 class StudySection(StrictModel):
     name: str | None = Field(None, description="Optuna study name and MLflow study run name (default: file stem).")
     n_trials: int = Field(10, ge=1, description="Finished trials (COMPLETE or PRUNED) the study runs to.")
@@ -163,6 +170,7 @@ class StudySection(StrictModel):
     max_consecutive_failures: int = Field(
         3, ge=1, description="Stop the study (exit 1) after this many failed trials in a row."
     )
+    collapse_pruning: CollapsePruningSpec = Field(default_factory=lambda: CollapsePruningSpec())
 
 
 class BackboneSpec(StrictModel):
@@ -197,6 +205,39 @@ class ScheduleSpec(StrictModel):
     warmup_lr: float = Field(1e-5, gt=0.0, description="Constant LR during warmup (CoOp/Dassl style).")
 
 
+class TemperatureSpec(StrictModel):
+    """Temperature-annealed gate sigmoid σ(g/T), T going from start to end over training."""
+
+    start: float = Field(1.0, gt=0.0)
+    end: float = Field(1.0, gt=0.0)
+    schedule: Literal["linear", "cosine", "exponential"] = "linear"
+
+
+class EquilibriumSpec(StrictModel):
+    """Gradient equilibrium: gate gradients × min(1/(σ(1−σ)+eps), cap), undoing the sigmoid's squashing."""
+
+    enabled: bool = False
+    eps: float = Field(1e-6, gt=0.0)
+    cap: float = Field(10.0, ge=1.0)
+
+
+class GateTrainingSpec(StrictModel):
+    """The gating paper's repair attempts that act on the gates during training."""
+
+    temperature: TemperatureSpec = Field(default_factory=TemperatureSpec)
+    entropy_weight: float = Field(
+        0.0, ge=0.0, description="λ·Σ H(σ(g)): > 0 pushes gates away from 0.5 towards decisive values."
+    )
+    equilibrium: EquilibriumSpec = Field(default_factory=EquilibriumSpec)
+
+
+class PhasesSpec(StrictModel):
+    """Phased training: prompts alone, then gates alone, then everything jointly."""
+
+    warmup: int = Field(0, ge=0, description="First steps train the prompts only (gates frozen).")
+    gate_only: int = Field(0, ge=0, description="Then steps that train the gates only (all else frozen).")
+
+
 class TrainSpec(StrictModel):
     steps: int | None = Field(None, ge=1, description="Optimizer steps per trial (default 100).")
     epochs: float | None = Field(
@@ -206,6 +247,8 @@ class TrainSpec(StrictModel):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     gate_lr_mult: float = Field(1.0, gt=0.0, description="Gate learning rate = lr × this.")
     grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm (null: off).")
+    gates: GateTrainingSpec = Field(default_factory=GateTrainingSpec)
+    phases: PhasesSpec = Field(default_factory=PhasesSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     eval_interval: int = Field(50, ge=1, description="Evaluate (and report to Optuna) every this many steps.")
     seed: int = 0

@@ -20,7 +20,7 @@ from mlgate.errors import MlgateError, StudyFailed
 from mlgate.spec import CategoricalDistribution, FloatDistribution, StudySpec
 from mlgate.tracking import StudyTracker, redact, resolve_tracking_uri
 from mlgate.training import EVAL_METRICS, train
-from mlgate.verdicts import Thresholds
+from mlgate.verdicts import COLLAPSED, Thresholds
 
 STUDY_RUN_ATTR = "mlgate.study_run_id"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -114,10 +114,16 @@ class Objective:
         trial.set_user_attr("mlflow_run_id", run.run_id)
         objective = self.spec.study.objective
 
+        collapse = self.spec.study.collapse_pruning
+
         def report(step: int, metrics: dict[str, float]) -> None:
             trial.report(metrics[objective], step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"{objective}={metrics[objective]:.4g} at step {step}")
+            # Early warning (the paper's template): gates already collapsed → stop spending on them.
+            if collapse.enabled and step >= collapse.warmup_steps and run.history.verdict(self.thresholds) == COLLAPSED:
+                run.set_tag("mlgate.pruned_by", "collapse")
+                raise optuna.TrialPruned(f"gates collapsed by step {step}")
 
         try:
             outcome = train(trial_spec, sink=run, on_eval=report)

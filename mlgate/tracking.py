@@ -59,6 +59,9 @@ class TrialRun:
     def log_artifacts(self, local_dir: Path) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir))
 
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
     def end(self, state: str, verdict: str, error: BaseException | None = None) -> None:
         """Tag the outcome and close the run: FINISHED, KILLED (pruned / interrupted) or FAILED."""
         tags = [RunTag(STATE, state), RunTag(VERDICT, verdict)]

@@ -20,9 +20,9 @@ from torch import nn
 
 from mlgate.clip import PromptedCLIP, load_backbone
 from mlgate.data import FewShotData, Split, load_dataset
-from mlgate.diagnostics import Diagnostics
+from mlgate.diagnostics import Diagnostics, binary_entropy
 from mlgate.methods import PromptMethod, build_method
-from mlgate.spec import StudySpec, TrainSpec
+from mlgate.spec import PhasesSpec, StudySpec, TemperatureSpec, TrainSpec
 from mlgate.verdicts import MetricHistory, Thresholds
 
 EVAL_METRICS = ("acc/val", "acc/base", "acc/novel", "acc/hm")
@@ -176,6 +176,35 @@ def _save_gate_artifacts(out: Path, steps: list[int], gates: list[np.ndarray]) -
     plt.close(fig)
 
 
+def temperature_at(step: int, total: int, cfg: TemperatureSpec) -> float:
+    """Gate temperature at ``step`` of ``total``, from ``cfg.start`` to ``cfg.end``."""
+    progress = min(1.0, step / max(1, total - 1))
+    if cfg.schedule == "exponential":
+        return cfg.start * (cfg.end / cfg.start) ** progress
+    if cfg.schedule == "cosine":
+        progress = 0.5 * (1.0 - math.cos(math.pi * progress))
+    return cfg.start + (cfg.end - cfg.start) * progress
+
+
+def frozen_groups(step: int, phases: PhasesSpec, groups: list[str]) -> set[str]:
+    """Groups not updated at ``step`` (0-based): gates during warmup, all but gates while gate-only."""
+    if step < phases.warmup:
+        return {"gate"}
+    if step < phases.warmup + phases.gate_only:
+        return {g for g in groups if g != "gate"}
+    return set()
+
+
+@torch.no_grad()
+def equalize_gate_grads(gates: list[nn.Parameter], activation: Callable[[torch.Tensor], torch.Tensor],
+                        eps: float, cap: float) -> None:
+    """Gradient equilibrium: scale each gate's gradient by min(1/(σ(1−σ)+eps), cap), in place."""
+    for p in gates:
+        if p.grad is not None:
+            s = activation(p)
+            p.grad.mul_((1.0 / (s * (1 - s) + eps)).clamp(max=cap))
+
+
 def train(spec: StudySpec, sink: Sink | None = None,
           on_eval: Callable[[int, dict[str, float]], None] | None = None) -> TrialOutcome:
     """Train ``spec.method`` for ``spec.train`` and return the final metrics and verdict.
@@ -201,7 +230,8 @@ def train(spec: StudySpec, sink: Sink | None = None,
     optimizer = build_optimizer(method, cfg)
     check_optimizer_covers(method, optimizer)
     groups = method.param_groups()
-    diagnostics = Diagnostics(groups.get("prompt", []), method.gate_logits())
+    gates = groups.get("gate", [])
+    diagnostics = Diagnostics(groups.get("prompt", []), gates, method.gate_activation)
 
     steps = total_steps(cfg, len(splits["train"]))
     steps_per_epoch = max(1, math.ceil(len(splits["train"]) / cfg.batch_size))
@@ -216,10 +246,9 @@ def train(spec: StudySpec, sink: Sink | None = None,
     gate_values: list[np.ndarray] = []
 
     def record_gates(step: int) -> None:
-        gates = method.gate_logits()
-        if gates is not None:
+        if gates:
             gate_steps.append(step)
-            gate_values.append(torch.sigmoid(gates.detach()).float().cpu().numpy())
+            gate_values.append(diagnostics.gate_values().detach().float().cpu().numpy())
 
     def flush() -> None:
         rows = diagnostics.drain()
@@ -231,9 +260,10 @@ def train(spec: StudySpec, sink: Sink | None = None,
         if bad is not None:
             raise FloatingPointError(f"the loss became non-finite at step {bad}")
 
-    trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
-    history.add([(0, {"params/trainable": float(trainable)})])
-    sink.log_metrics([(0, {"params/trainable": float(trainable)})])
+    trainable = float(sum(p.numel() for p in method.parameters() if p.requires_grad))
+    history.add([(0, {"params/trainable": trainable})])
+    sink.log_metrics([(0, {"params/trainable": trainable})])
+    tricks = cfg.gates
     record_gates(0)
     method.train()
     train_split = splits["train"]
@@ -243,11 +273,14 @@ def train(spec: StudySpec, sink: Sink | None = None,
             for group in optimizer.param_groups:
                 group["lr"] = (cfg.schedule.warmup_lr if factor is None
                                else cfg.optimizer.lr * group["lr_mult"] * factor)
+            method.gate_temperature = temperature_at(step - 1, steps, tricks.temperature)
 
             idx = torch.randperm(len(train_split), generator=generator)[: cfg.batch_size].to(device)
             logits = method(train_split.images[idx], base_ids)
             loss_cls = F.cross_entropy(logits, target_of[train_split.labels[idx]])
             regularizers = method.regularizers()
+            if gates and tricks.entropy_weight > 0:
+                regularizers["entropy"] = tricks.entropy_weight * binary_entropy(diagnostics.gate_values()).sum()
             loss_reg = sum(regularizers.values(), torch.zeros((), device=device))
             loss = loss_cls + loss_reg
 
@@ -255,8 +288,14 @@ def train(spec: StudySpec, sink: Sink | None = None,
             reg_grads = diagnostics.term_gate_grads(regularizers) if diagnose and regularizers else None
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if tricks.equilibrium.enabled:
+                equalize_gate_grads(gates, method.gate_activation, tricks.equilibrium.eps, tricks.equilibrium.cap)
             if diagnose:
-                diagnostics.record(step, loss, loss_cls, loss_reg, reg_grads)
+                losses = {"loss/total": loss, "loss/cls": loss_cls, "loss/reg": loss_reg}
+                diagnostics.record(step, losses, reg_grads)
+            for name in frozen_groups(step - 1, cfg.phases, list(groups)):
+                for p in groups[name]:
+                    p.grad = None  # optimizers skip parameters without a gradient
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_([p for g in groups.values() for p in g], cfg.grad_clip)
             optimizer.step()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mlgate.diagnostics import Diagnostics, cancellation, group_grad_norm
+from mlgate.diagnostics import Diagnostics, binary_entropy, cancellation, group_grad_norm
 from mlgate.spec import StudySpec
 from mlgate.training import train
 from mlgate.verdicts import ADAPTIVE, COLLAPSED, PRUNED, STATIC, Thresholds, second_half_median, verdict
@@ -30,13 +30,14 @@ def test_cancellation_is_zero_when_terms_agree_and_near_one_when_they_oppose():
 def test_record_matches_hand_computation():
     prompt = torch.nn.Parameter(torch.zeros(4))
     gates = torch.nn.Parameter(torch.tensor([0.0, 2.0]))
-    diag = Diagnostics([prompt], gates)
+    diag = Diagnostics([prompt], [gates])
     with torch.no_grad():
         gates.copy_(torch.tensor([1.0, 2.0]))  # moved after init
     prompt.grad = torch.full((4,), 50.0)  # norm 100
     gates.grad = torch.tensor([0.6, 0.8])  # norm 1
     sparsity_grad = torch.tensor([0.1, 0.1])
-    diag.record(7, torch.tensor(2.0), torch.tensor(1.5), torch.tensor(0.5), [sparsity_grad])
+    losses = {"loss/total": torch.tensor(2.0), "loss/cls": torch.tensor(1.5), "loss/reg": torch.tensor(0.5)}
+    diag.record(7, losses, [sparsity_grad])
     [(step, m)] = diag.drain()
     sig = torch.sigmoid(torch.tensor([1.0, 2.0]))
     assert step == 7
@@ -49,6 +50,7 @@ def test_record_matches_hand_computation():
     assert m["gate/drift"] == pytest.approx((sig[0] - 0.5).item())
     assert m["gate/effective_length"] == pytest.approx(sig.sum().item())
     assert m["gate/batch_std"] == 0.0
+    assert m["gate/entropy"] == pytest.approx(binary_entropy(sig).mean().item())
     cls_grad = torch.tensor([0.5, 0.7])  # total minus the regularizer's part
     expected = 1 - 1.0 / (cls_grad.norm() + sparsity_grad.norm()).item()
     assert m["grad/gate_cancellation"] == pytest.approx(expected, rel=1e-5)

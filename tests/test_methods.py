@@ -73,8 +73,9 @@ def test_gate_init_modes():
     assert torch.equal(init_gate_logits(3, GateConfig(init="constant", init_value=1.5)), torch.full((3,), 1.5))
     uniform = init_gate_logits(1000, GateConfig(init="uniform", init_low=-1.0, init_high=2.0))
     assert uniform.min() >= -1.0 and uniform.max() <= 2.0 and uniform.std() > 0.5
-    linear = init_gate_logits(5, GateConfig(init="linear", init_low=-2.0, init_high=2.0))
-    torch.testing.assert_close(linear, torch.tensor([2.0, 1.0, 0.0, -1.0, -2.0]))
+    biased = init_gate_logits(5, GateConfig(init="biased", init_low=-2.0, init_high=2.0))
+    torch.testing.assert_close(biased, torch.tensor([2.0, 1.0, 0.0, -1.0, -2.0]))
+    assert torch.equal(init_gate_logits(3, GateConfig(init="zero", init_value=5.0)), torch.zeros(3))
     normal = init_gate_logits(4000, GateConfig(init="normal", init_value=1.0, init_std=0.1))
     assert abs(normal.mean() - 1.0) < 0.01 and abs(normal.std() - 0.1) < 0.01
 

@@ -25,21 +25,21 @@ class GateConfig(StrictModel):
     """Per-token sigmoid gates σ(g) on the learned context (the gating paper's CoOp-gating)."""
 
     enabled: bool = Field(True, description="Multiply each context token by a learnable sigmoid gate.")
-    init: Literal["constant", "normal", "uniform", "linear"] = Field(
+    init: Literal["constant", "zero", "normal", "uniform", "biased"] = Field(
         "normal",
-        description="How gate logits start: constant=init_value; normal=init_value+N(0, init_std) "
-        "(the reference CoOp-gating); uniform=U(init_low, init_high); linear=init_high→init_low "
-        "across tokens (a biased, decaying pattern).",
+        description="How gate logits start: constant=init_value; zero=0 (σ=0.5); normal=init_value+"
+        "N(0, init_std) (the reference CoOp-gating); uniform=U(init_low, init_high); biased=init_high→"
+        "init_low linearly across tokens (early tokens favoured).",
     )
     init_value: float = Field(0.0, description="Gate logit at init (0 → σ=0.5; 1 → σ≈0.73).")
     init_std: float = Field(0.02, ge=0.0, description="Std of the normal init around init_value.")
-    init_low: float = Field(-2.0, description="Lower logit for uniform/linear init.")
-    init_high: float = Field(2.0, description="Upper logit for uniform/linear init.")
+    init_low: float = Field(-2.0, description="Lower logit for uniform/biased init.")
+    init_high: float = Field(2.0, description="Upper logit for uniform/biased init.")
     sparsity: float = Field(0.0, ge=0.0, description="Weight of the sparsity regularizer λ·Σσ(g).")
 
     @model_validator(mode="after")
     def _range(self) -> GateConfig:
-        if self.init in ("uniform", "linear") and self.init_low > self.init_high:
+        if self.init in ("uniform", "biased") and self.init_low > self.init_high:
             raise ValueError(f"init_low ({self.init_low}) must be <= init_high ({self.init_high})")
         return self
 
@@ -54,6 +54,8 @@ def init_gate_logits(n: int, cfg: GateConfig, generator: torch.Generator | None 
     """Gate logits of length ``n`` initialised as ``cfg`` says."""
     if cfg.init == "constant":
         return torch.full((n,), cfg.init_value)
+    if cfg.init == "zero":
+        return torch.zeros(n)
     if cfg.init == "normal":
         return cfg.init_value + cfg.init_std * torch.randn(n, generator=generator)
     if cfg.init == "uniform":
@@ -71,14 +73,16 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
 
     Config: ClassVar[type[MethodConfig]]
     prompts_vision: ClassVar[bool] = False
+    #: Temperature T of the gate sigmoid σ(g/T); the trainer anneals it when the spec asks.
+    gate_temperature: float = 1.0
+
+    def gate_activation(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gate values σ(g/T) of gate logits."""
+        return torch.sigmoid(logits / self.gate_temperature)
 
     @abstractmethod
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by group (``prompt``, ``gate``, ...), in a stable order."""
-
-    def gate_logits(self) -> torch.Tensor | None:
-        """All gate logits as one flat tensor (None for methods without gates)."""
-        return None
 
     def regularizers(self) -> dict[str, torch.Tensor]:
         """Named regularization terms already multiplied by their weights (only the active ones)."""

@@ -74,14 +74,11 @@ class CoOp(PromptMethod):
             groups["gate"] = [self.gates]
         return groups
 
-    def gate_logits(self) -> torch.Tensor | None:
-        return self.gates
-
     def context(self) -> torch.Tensor:
         """The (gated) context vectors: (M, D), or (C, M, D) with class-specific context."""
         if self.gates is None:
             return self.ctx
-        return self.ctx * torch.sigmoid(self.gates).unsqueeze(-1)
+        return self.ctx * self.gate_activation(self.gates).unsqueeze(-1)
 
     def text_features(self, class_ids: torch.Tensor) -> torch.Tensor:
         """Normalized text features (len(class_ids), E) of the learned prompts, in one batched pass."""
@@ -99,4 +96,4 @@ class CoOp(PromptMethod):
     def regularizers(self) -> dict[str, torch.Tensor]:
         if self.gates is None or self.cfg.gate.sparsity == 0:
             return {}
-        return {"sparsity": self.cfg.gate.sparsity * torch.sigmoid(self.gates).sum()}
+        return {"sparsity": self.cfg.gate.sparsity * self.gate_activation(self.gates).sum()}

@@ -1,0 +1,114 @@
+"""Monitoring hook for anyone's training loop: mlgate's diagnostics, logged to the active MLflow run.
+
+    import mlflow, mlgate
+
+    with mlflow.start_run():
+        with mlgate.monitor(model, optimizer, prompt_params=[ctx], gate_params=[gates]) as mon:
+            for images, labels in loader:
+                loss = criterion(model(images), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                mon.losses(total=loss)          # optional: also log loss/*
+                optimizer.step()                # the hook records grad/* and gate/* here
+
+The run then carries the contract's metric vocabulary and an ``mlgate.verdict`` tag, so
+``python -m mlgate.compare`` can diagnose it like a run mlgate trained itself.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+import mlflow
+import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from mlgate.diagnostics import Diagnostics
+from mlgate.verdicts import MetricHistory, Thresholds
+
+
+class Monitor:
+    """Records diagnostics at every ``every``-th optimizer step through a step pre-hook.
+
+    Gradients are read as the optimizer sees them (after any clipping the loop does before
+    ``optimizer.step()``). Metrics reach MLflow in one ``log_batch`` per ``flush_every`` steps.
+    """
+
+    def __init__(self, model: nn.Module | None, optimizer: torch.optim.Optimizer,
+                 prompt_params: Iterable[nn.Parameter], gate_params: Iterable[nn.Parameter] = (), *,
+                 activation: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid, every: int = 1,
+                 flush_every: int = 50, run_id: str | None = None, method: str | None = None,
+                 thresholds: Thresholds = Thresholds()) -> None:
+        if run_id is None:
+            active = mlflow.active_run()
+            if active is None:
+                raise RuntimeError("mlgate.monitor needs an active MLflow run (mlflow.start_run()) or run_id=")
+            run_id = active.info.run_id
+        self.run_id = run_id
+        self.client = MlflowClient(mlflow.get_tracking_uri())
+        self.diagnostics = Diagnostics(list(prompt_params), list(gate_params), activation)
+        self.history = MetricHistory()
+        self.thresholds = thresholds
+        self.every, self.flush_every = every, flush_every
+        self.step = 0
+        self._losses: dict[str, torch.Tensor] = {}
+        self._hook = optimizer.register_step_pre_hook(self._before_step)
+        tags = {"mlgate.monitored": "true"}
+        if method:
+            tags["mlgate.method"] = method
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+        if model is not None:
+            trainable = float(sum(p.numel() for p in model.parameters() if p.requires_grad))
+            self._log([(0, {"params/trainable": trainable})])
+
+    def losses(self, **terms: torch.Tensor) -> None:
+        """Loss values for the coming step, e.g. ``total=loss, cls=ce, reg=penalty`` → ``loss/*``."""
+        self._losses = {f"loss/{name}": value for name, value in terms.items()}
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self.step += 1
+        if self.step % self.every == 0:
+            self.diagnostics.record(self.step, self._losses)
+        self._losses = {}
+        if self.step % self.flush_every == 0:
+            self.flush()
+
+    def _log(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+        self.history.add(rows)
+
+    def flush(self) -> None:
+        """Send what was recorded since the last flush (one host transfer, one ``log_batch``)."""
+        rows = self.diagnostics.drain()
+        if rows:
+            self._log(rows)
+
+    def log(self, step: int | None = None, **metrics: float) -> None:
+        """Log extra metrics (e.g. ``log(**{"acc/base": 81.2})``) at ``step`` (default: the current one)."""
+        self._log([(self.step if step is None else step, metrics)])
+
+    def close(self) -> str:
+        """Flush, detach the hook, tag the run with its verdict, and return the verdict."""
+        self.flush()
+        self._hook.remove()
+        verdict = self.history.verdict(self.thresholds)
+        self.client.set_tag(self.run_id, "mlgate.verdict", verdict)
+        return verdict
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def monitor(model: nn.Module | None, optimizer: torch.optim.Optimizer, *, prompt_params: Iterable[nn.Parameter],
+            gate_params: Iterable[nn.Parameter] = (), **options) -> Monitor:
+    """Attach mlgate's diagnostics to a training loop; see :class:`Monitor` for the options."""
+    return Monitor(model, optimizer, prompt_params, gate_params, **options)
