@@ -16,6 +16,7 @@ def test_monitor_logs_the_vocabulary_from_a_plain_loop(workdir):
     torch.manual_seed(0)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("outside-loop")
     ctx = torch.nn.Parameter(torch.randn(4, 8))
     gates = torch.nn.Parameter(torch.zeros(4))
     head = torch.nn.Linear(8, 3).requires_grad_(False)

@@ -1,0 +1,7 @@
+"""``python -m mlgate.compare``."""
+
+import sys
+
+from mlgate.compare import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""Read an experiment's runs through the MLflow API into per-run summaries (contract §4, §5).
+
+Works on any run that logs the contract's metric vocabulary, whether mlgate trained it or not.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from mlgate.errors import MlgateError
+from mlgate.verdicts import Thresholds, second_half_median, verdict
+
+VOCABULARY_PREFIXES = ("loss/", "grad/", "gate/", "mask/", "acc/", "params/trainable")
+HISTORY_KEYS = ("grad/gap_log10", "gate/drift", "gate/batch_std", "gate/mean", "mask/active_tokens")
+_STATE_OF_STATUS = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL"}
+_T_TARGET_PARAMS = ("method.t_target", "t_target", "T_target")
+
+
+@dataclass
+class RunSummary:
+    """One run as the compare report sees it; the first fields are contract §5's."""
+
+    run_id: str
+    run_name: str
+    study: str | None
+    trial: int | None
+    method: str
+    state: str
+    verdict: str
+    grad_gap_log10: float | None
+    gate_drift: float | None
+    gate_batch_std: float | None
+    effective_length: float | None
+    active_tokens: float | None
+    acc_base: float | None
+    acc_novel: float | None
+    acc_hm: float | None
+    trainable_params: float | None
+    t_target: float | None = None
+    compression: float | None = None
+    depth_lengths: list[float] = field(default_factory=list)
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict, repr=False)
+
+    def contract_dict(self) -> dict[str, Any]:
+        """The run object of ``--format json`` (contract §5 keys, then extras)."""
+        data = asdict(self)
+        data.pop("history")
+        return data
+
+
+def speaks_vocabulary(run: Run) -> bool:
+    return any(key.startswith(VOCABULARY_PREFIXES) for key in run.data.metrics)
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except ValueError:
+        return None
+
+
+def summarize_run(client: MlflowClient, run: Run, thresholds: Thresholds) -> RunSummary:
+    """Verdict and summary values of one run, from its metric histories where the verdict needs them."""
+    tags, params, latest = run.data.tags, run.data.params, run.data.metrics
+    history = {
+        key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                key=lambda m: (m.step, m.timestamp))]
+        for key in HISTORY_KEYS if key in latest
+    }
+    series = {key: [v for _, v in points] for key, points in history.items()}
+    t_target = next((_float(params[k]) for k in _T_TARGET_PARAMS if k in params), None)
+    active = series.get("mask/active_tokens") or []
+    depth_keys = sorted((k for k in latest if k.startswith("mask/active_tokens/d")),
+                        key=lambda k: int(k.rsplit("/d", 1)[1]))
+    trial = tags.get("mlgate.trial")
+    return RunSummary(
+        run_id=run.info.run_id,
+        run_name=run.info.run_name or run.info.run_id[:8],
+        study=tags.get("mlgate.study"),
+        trial=int(trial) if trial is not None and trial.isdigit() else None,
+        method=tags.get("mlgate.method") or params.get("method.name") or "unknown",
+        state=tags.get("mlgate.state") or _STATE_OF_STATUS.get(run.info.status, run.info.status),
+        verdict=verdict(series, thresholds, t_target),
+        grad_gap_log10=second_half_median(series.get("grad/gap_log10") or []),
+        gate_drift=latest.get("gate/drift"),
+        gate_batch_std=latest.get("gate/batch_std"),
+        effective_length=latest.get("gate/effective_length"),
+        active_tokens=latest.get("mask/active_tokens"),
+        acc_base=latest.get("acc/base"),
+        acc_novel=latest.get("acc/novel"),
+        acc_hm=latest.get("acc/hm"),
+        trainable_params=latest.get("params/trainable"),
+        t_target=t_target,
+        compression=(1.0 - active[-1] / active[0]) if len(active) > 1 and active[0] else None,
+        depth_lengths=[latest[k] for k in depth_keys],
+        history=history,
+    )
+
+
+def collect_runs(client: MlflowClient, experiment: str, thresholds: Thresholds = Thresholds(),
+                 study: str | None = None, states: set[str] | None = None) -> list[RunSummary]:
+    """Summaries of every run of ``experiment`` that logs the vocabulary (study and report runs aside).
+
+    Raises :class:`MlgateError` when the experiment does not exist or has no such runs.
+    """
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise MlgateError(f"--experiment: no experiment named {experiment!r} at this tracking URI. "
+                          f"Experiments there: {', '.join(names) or '(none)'}.")
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    if not runs:
+        raise MlgateError(f"experiment {experiment!r} has no runs yet: run a study into it first "
+                          f"(`mlgate run STUDY`), or log runs with the contract's metric names.")
+    candidates = [r for r in runs if r.data.tags.get("mlgate.role") not in ("study", "report")]
+    speaking = [r for r in candidates if speaks_vocabulary(r)]
+    if not speaking:
+        raise MlgateError(f"experiment {experiment!r}: none of its {len(candidates)} runs logs mlgate's metric "
+                          "vocabulary (loss/*, grad/*, gate/*, mask/*, acc/*); nothing to compare.")
+    summaries = [summarize_run(client, r, thresholds) for r in speaking]
+    if study is not None:
+        summaries = [s for s in summaries if s.study == study]
+    if states:
+        summaries = [s for s in summaries if s.state in states]
+    if not summaries:
+        raise MlgateError(f"experiment {experiment!r}: no runs match the --study/--state filters.")
+    return summaries
+
+
+def heterogeneity(lengths: list[float]) -> float | None:
+    """Coefficient of variation of per-depth lengths (0 = every depth kept the same length)."""
+    if len(lengths) < 2 or statistics.fmean(lengths) == 0:
+        return None
+    return statistics.pstdev(lengths) / statistics.fmean(lengths)

@@ -1,0 +1,215 @@
+"""The report's output formats: terminal table, markdown, CSV, JSON and a self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from typing import Any, Callable
+
+from mlflow.tracking import MlflowClient
+
+from mlgate.compare.report import Report
+
+RUN_COLUMNS = [
+    ("run", "run_name"), ("method", "method"), ("state", "state"), ("verdict", "verdict"),
+    ("gap log10", "grad_gap_log10"), ("drift", "gate_drift"), ("batch std", "gate_batch_std"),
+    ("eff. len", "effective_length"), ("active", "active_tokens"), ("base", "acc_base"),
+    ("novel", "acc_novel"), ("HM", "acc_hm"), ("params", "trainable_params"),
+]
+GROUP_COLUMNS = [
+    ("method", "method"), ("runs", "n_runs"), ("verdicts", "verdicts"), ("collapse rate", "collapse_rate"),
+    ("HM mean", "acc_hm_mean"), ("HM best", "acc_hm_best"), ("depth heterogeneity", "depth_heterogeneity"),
+]
+HEADLINE_COLUMNS = [
+    ("kind", "kind"), ("method", "method"), ("runs", "n_runs"), ("adapted / pruned", "adapted"),
+    ("params", "trainable_params"), ("HM", "acc_hm"), ("gain vs baseline", "gain_vs_baseline"),
+    ("compression", "compression"),
+]
+CONTRACT_RUN_KEYS = [
+    "run_id", "run_name", "study", "trial", "method", "state", "verdict", "grad_gap_log10", "gate_drift",
+    "gate_batch_std", "effective_length", "active_tokens", "acc_base", "acc_novel", "acc_hm", "trainable_params",
+]
+
+
+def fmt(value: Any) -> str:
+    """Human formatting: '—' for missing, 4 significant digits, compact params and verdict counts."""
+    if value is None:
+        return "—"
+    if isinstance(value, dict):
+        return ", ".join(f"{v} {k}" for k, v in value.items())
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) >= 1000:
+            return f"{int(value):,}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _rows(items: list[Any], columns: list[tuple[str, str]]) -> list[list[str]]:
+    get: Callable[[Any, str], Any] = (lambda o, k: o[k]) if items and isinstance(items[0], dict) else getattr
+    return [[fmt(get(item, key)) for _, key in columns] for item in items]
+
+
+def _sections(report: Report) -> list[tuple[str, list[tuple[str, str]], list[list[str]]]]:
+    data = report.to_json()
+    return [
+        ("Gating vs pruning", HEADLINE_COLUMNS, _rows(data["headline"], HEADLINE_COLUMNS)),
+        ("Methods", GROUP_COLUMNS, _rows(data["groups"], GROUP_COLUMNS)),
+        (f"Runs (by {report.rank_by})", RUN_COLUMNS, _rows(report.ranked(), RUN_COLUMNS)),
+    ]
+
+
+def render_table(report: Report) -> str:
+    """A readable terminal table (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=160, force_terminal=False, color_system=None)
+    console.print(f"mlgate.compare — experiment [b]{report.experiment}[/b]: {len(report.runs)} runs")
+    for title, columns, rows in _sections(report):
+        table = Table(title=title, title_justify="left")
+        for name, _ in columns:
+            table.add_column(name, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    return buffer.getvalue()
+
+
+def render_markdown(report: Report) -> str:
+    out = [f"# mlgate.compare — experiment `{report.experiment}`", ""]
+    for title, columns, rows in _sections(report):
+        out += [f"## {title}", "", "| " + " | ".join(n for n, _ in columns) + " |",
+                "|" + "---|" * len(columns)]
+        out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def render_csv(report: Report) -> str:
+    """One row per run, contract §5's keys as columns (empty where not logged)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CONTRACT_RUN_KEYS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for run in report.ranked():
+        writer.writerow({k: "" if v is None else v for k, v in run.contract_dict().items()})
+    return buffer.getvalue()
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(report.to_json(), indent=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML with embedded plots.
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _plots(report: Report, client: MlflowClient | None, gap_threshold: float) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r.method for r in report.runs})
+    colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    plots: list[tuple[str, str]] = []
+
+    def curves(key: str, title: str, ylabel: str, hline: float | None = None) -> None:
+        runs = [r for r in report.runs if r.history.get(key)]
+        if not runs:
+            return
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        for m in methods:
+            for i, r in enumerate(x for x in runs if x.method == m):
+                steps, values = zip(*r.history[key])
+                ax.plot(steps, values, color=colour[m], alpha=0.6, label=m if i == 0 else None)
+        if hline is not None:
+            ax.axhline(hline, color="black", linestyle="--", linewidth=1, label=f"{hline:g} orders")
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.legend(fontsize=8)
+        plots.append((title, _png(fig)))
+
+    curves("grad/gap_log10", "Gradient gap per method", "log10(prompt / gate grad)", gap_threshold)
+    curves("gate/mean", "Gate trajectories", "mean σ(g)")
+    curves("mask/active_tokens", "Active prompt tokens", "tokens")
+
+    def scatter(pairs: list[tuple[str, float, float]], title: str, xlabel: str, logx: bool = False) -> None:
+        if not pairs:
+            return
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for m in methods:
+            pts = [(x, y) for mm, x, y in pairs if mm == m]
+            if pts:
+                ax.scatter(*zip(*pts), color=colour[m], label=m)
+        ax.set(title=title, xlabel=xlabel, ylabel="HM accuracy (%)")
+        if logx:
+            ax.set_xscale("log")
+        ax.legend(fontsize=8)
+        plots.append((title, _png(fig)))
+
+    scatter([(r.method, r.t_target, r.acc_hm) for r in report.runs if r.t_target is not None and r.acc_hm is not None],
+            "Accuracy vs T_target", "T_target")
+    scatter([(r.method, r.trainable_params, r.acc_hm) for r in report.runs
+             if r.trainable_params and r.acc_hm is not None], "Accuracy vs trainable parameters",
+            "trainable parameters", logx=True)
+    if client is not None:
+        plots += _mask_heatmaps(report, client)
+    return plots
+
+
+def _mask_heatmaps(report: Report, client: MlflowClient, limit: int = 6) -> list[tuple[str, str]]:
+    # The latest mask .npy of each pruning run (rows = depth, columns = token slot).
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = []
+    for run in [r for r in report.runs if r.active_tokens is not None][:limit]:
+        try:
+            files = sorted(a.path for a in client.list_artifacts(run.run_id, "masks") if a.path.endswith(".npy"))
+        except Exception:  # noqa: BLE001 - an unreachable artifact store must not sink the report
+            continue
+        if not files:
+            continue
+        mask = np.load(client.download_artifacts(run.run_id, files[-1]))
+        fig, ax = plt.subplots(figsize=(6, 2.8))
+        ax.imshow(np.atleast_2d(mask), aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        ax.set(title=f"{run.run_name}: {files[-1]}", xlabel="token slot", ylabel="depth")
+        out.append((f"Mask of {run.run_name}", _png(fig)))
+    return out
+
+
+def render_html(report: Report, client: MlflowClient | None = None, gap_threshold: float = 2.0) -> str:
+    """A self-contained HTML page: the tables and the plots (PNG embedded as data URIs)."""
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>mlgate.compare — {html.escape(report.experiment)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+        "figure{display:inline-block;margin:0.5em}</style></head><body>",
+        f"<h1>mlgate.compare — experiment <code>{html.escape(report.experiment)}</code></h1>",
+        f"<p>{len(report.runs)} runs.</p>",
+    ]
+    for title, columns, rows in _sections(report):
+        parts.append(f"<h2>{html.escape(title)}</h2><table><tr>"
+                     + "".join(f"<th>{html.escape(n)}</th>" for n, _ in columns) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    parts.append("<h2>Plots</h2>")
+    for title, png in _plots(report, client, gap_threshold):
+        parts.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
+                     f"<figcaption>{html.escape(title)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

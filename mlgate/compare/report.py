@@ -1,0 +1,99 @@
+"""Groups, headline and the report object built from run summaries."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from mlgate.compare.collect import RunSummary, heterogeneity
+from mlgate.verdicts import ADAPTIVE, COLLAPSED, PRUNED, STATIC
+
+VERDICT_ORDER = (COLLAPSED, ADAPTIVE, PRUNED, STATIC)
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def group_stats(method: str, runs: list[RunSummary]) -> dict[str, Any]:
+    """Contract §5 group: counts per verdict, collapse rate, mean and best acc/hm (plus pruning extras)."""
+    verdicts = Counter(r.verdict for r in runs)
+    gated = verdicts[COLLAPSED] + verdicts[ADAPTIVE]
+    hm = [r.acc_hm for r in runs if r.acc_hm is not None]
+    pruning = [r for r in runs if r.active_tokens is not None]
+    return {
+        "method": method,
+        "n_runs": len(runs),
+        "verdicts": {v: verdicts[v] for v in VERDICT_ORDER if verdicts[v]},
+        "collapse_rate": verdicts[COLLAPSED] / gated if gated else None,
+        "acc_hm_mean": _mean(hm),
+        "acc_hm_best": max(hm) if hm else None,
+        "trainable_params_mean": _mean([r.trainable_params for r in runs if r.trainable_params is not None]),
+        "acc_vs_t_target": sorted((r.t_target, r.acc_hm) for r in pruning if r.t_target is not None
+                                  and r.acc_hm is not None),
+        "depth_heterogeneity": _mean([h for r in pruning if (h := heterogeneity(r.depth_lengths)) is not None]),
+    }
+
+
+def headline(runs: list[RunSummary]) -> list[dict[str, Any]]:
+    """Gating methods (did the gates adapt, what they cost, what they gained over the matched
+    ungated baseline) side by side with pruning methods (what compression, at what accuracy)."""
+    rows = []
+    static_by_method: dict[str, list[float]] = {}
+    for r in runs:
+        if r.verdict == STATIC and r.acc_hm is not None:
+            static_by_method.setdefault(r.method, []).append(r.acc_hm)
+    all_static = [v for values in static_by_method.values() for v in values]
+    methods = sorted({r.method for r in runs})
+    for method in methods:
+        mine = [r for r in runs if r.method == method]
+        gated = [r for r in mine if r.verdict in (COLLAPSED, ADAPTIVE)]
+        pruning = [r for r in mine if r.active_tokens is not None]
+        if gated:
+            baseline = static_by_method.get(method) or all_static
+            hm = _mean([r.acc_hm for r in gated if r.acc_hm is not None])
+            base_hm = _mean(baseline)
+            rows.append({
+                "kind": "gating", "method": method, "n_runs": len(gated),
+                "adapted": sum(r.verdict == ADAPTIVE for r in gated) / len(gated),
+                "trainable_params": _mean([r.trainable_params for r in gated if r.trainable_params is not None]),
+                "acc_hm": hm,
+                "gain_vs_baseline": None if hm is None or base_hm is None else hm - base_hm,
+                "compression": None,
+            })
+        if pruning:
+            rows.append({
+                "kind": "pruning", "method": method, "n_runs": len(pruning),
+                "adapted": sum(r.verdict == PRUNED for r in pruning) / len(pruning),
+                "trainable_params": _mean([r.trainable_params for r in pruning if r.trainable_params is not None]),
+                "acc_hm": _mean([r.acc_hm for r in pruning if r.acc_hm is not None]),
+                "gain_vs_baseline": None,
+                "compression": _mean([r.compression for r in pruning if r.compression is not None]),
+            })
+    return rows
+
+
+@dataclass
+class Report:
+    experiment: str
+    runs: list[RunSummary]
+    rank_by: str = "acc_hm"
+
+    def ranked(self) -> list[RunSummary]:
+        """Runs by ``rank_by`` (descending; runs without the value last)."""
+        return sorted(self.runs, key=lambda r: (getattr(r, self.rank_by) is None, -(getattr(r, self.rank_by) or 0.0)))
+
+    def groups(self) -> list[dict[str, Any]]:
+        methods = sorted({r.method for r in self.runs})
+        return [group_stats(m, [r for r in self.runs if r.method == m]) for m in methods]
+
+    def to_json(self) -> dict[str, Any]:
+        """Contract §5: ``{"experiment", "runs", "groups"}`` (plus the headline)."""
+        return {
+            "experiment": self.experiment,
+            "runs": [r.contract_dict() for r in self.ranked()],
+            "groups": self.groups(),
+            "headline": headline(self.runs),
+        }

@@ -1,0 +1,173 @@
+"""`python -m mlgate.compare` on a real MLflow store, filled by hand-written runs and by a short study."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mlgate.cli import main as mlgate_main
+from mlgate.compare import main as compare
+
+GAP_COLLAPSED = [1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 0.1]  # final value low, second-half median 3.0
+
+
+def _log(name: str, series: dict[str, list[float]], params: dict | None = None, tags: dict | None = None):
+    """A run as an outside training loop would log it: one log_metric per value."""
+    with mlflow.start_run(run_name=name, tags=tags or {}):
+        if params:
+            mlflow.log_params(params)
+        for key, values in series.items():
+            for step, value in enumerate(values, start=1):
+                mlflow.log_metric(key, value, step=step)
+
+
+@pytest.fixture
+def outside_runs(workdir):
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("outside")
+    _log("collapsed-run", {"grad/gap_log10": GAP_COLLAPSED, "gate/drift": [0.0, 0.001], "gate/batch_std": [0.0],
+                           "gate/mean": [0.5, 0.5], "gate/effective_length": [2.0], "acc/hm": [70.0],
+                           "params/trainable": [2052.0]}, tags={"mlgate.method": "coop_gated"})
+    _log("adaptive-run", {"grad/gap_log10": [1.0, 0.5, 0.4, 0.3], "gate/drift": [0.0, 0.3],
+                          "gate/mean": [0.5, 0.8], "acc/hm": [74.0], "params/trainable": [2052.0]},
+         tags={"mlgate.method": "coop_gated"})
+    _log("pruned-run", {"mask/active_tokens": [64, 48, 32, 16], "mask/active_tokens/d0": [8],
+                        "mask/active_tokens/d1": [4], "acc/hm": [76.0], "params/trainable": [9000.0]},
+         params={"method.t_target": "16"}, tags={"mlgate.method": "adapt"})
+    _log("baseline-run", {"acc/hm": [72.0], "acc/base": [80.0], "params/trainable": [2048.0]},
+         tags={"mlgate.method": "coop_gated"})
+    _log("unrelated-run", {"my_metric": [1.0]})
+    return uri
+
+
+def _json(capsys, *args) -> dict:
+    assert compare(["--experiment", "outside", "--format", "json", "--no-log", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_verdicts_and_groups_by_value(outside_runs, capsys):
+    report = _json(capsys)
+    runs = {r["run_name"]: r for r in report["runs"]}
+    assert set(runs) == {"collapsed-run", "adaptive-run", "pruned-run", "baseline-run"}  # unrelated left out
+    assert {n: r["verdict"] for n, r in runs.items()} == {
+        "collapsed-run": "collapsed", "adaptive-run": "adaptive", "pruned-run": "pruned", "baseline-run": "static"}
+    collapsed = runs["collapsed-run"]
+    assert collapsed["grad_gap_log10"] == 3.0  # median of the second half of the history, not the last value
+    assert collapsed["gate_drift"] == 0.001 and collapsed["gate_batch_std"] == 0.0
+    assert collapsed["effective_length"] == 2.0 and collapsed["trainable_params"] == 2052.0
+    assert collapsed["method"] == "coop_gated" and collapsed["state"] == "COMPLETE"
+    assert runs["pruned-run"]["active_tokens"] == 16 and runs["pruned-run"]["compression"] == 0.75
+    keys = {"run_id", "run_name", "study", "trial", "method", "state", "verdict", "grad_gap_log10", "gate_drift",
+            "gate_batch_std", "effective_length", "active_tokens", "acc_base", "acc_novel", "acc_hm",
+            "trainable_params"}
+    assert keys <= set(collapsed)
+    assert [r["run_name"] for r in report["runs"]][:2] == ["pruned-run", "adaptive-run"]  # ranked by acc_hm
+
+    groups = {g["method"]: g for g in report["groups"]}
+    coop = groups["coop_gated"]
+    assert coop["n_runs"] == 3
+    assert coop["verdicts"] == {"collapsed": 1, "adaptive": 1, "static": 1}
+    assert coop["collapse_rate"] == 0.5
+    assert coop["acc_hm_mean"] == pytest.approx(72.0) and coop["acc_hm_best"] == 74.0
+    adapt = groups["adapt"]
+    assert adapt["acc_vs_t_target"] == [[16.0, 76.0]]
+    assert adapt["depth_heterogeneity"] == pytest.approx(1 / 3)  # lengths 8 and 4: std 2 / mean 6
+
+    headline = {(h["kind"], h["method"]): h for h in report["headline"]}
+    gating = headline[("gating", "coop_gated")]
+    assert gating["adapted"] == 0.5 and gating["gain_vs_baseline"] == pytest.approx(72.0 - 72.0)
+    assert headline[("pruning", "adapt")]["compression"] == 0.75
+
+
+def test_thresholds_filters_and_ranking(outside_runs, capsys):
+    runs = {r["run_name"]: r for r in _json(capsys, "--gap", "4")["runs"]}
+    assert runs["collapsed-run"]["verdict"] == "adaptive"
+    runs = {r["run_name"]: r for r in _json(capsys, "--drift", "0.5")["runs"]}
+    assert runs["adaptive-run"]["verdict"] == "adaptive"  # its gap is below 2 anyway
+    assert [r["run_name"] for r in _json(capsys, "--rank-by", "trainable_params")["runs"]][0] == "pruned-run"
+    assert _json(capsys, "--state", "COMPLETE")["runs"]
+    assert compare(["--experiment", "outside", "--state", "PRUNED", "--no-log"]) == 2
+
+
+def test_every_format(outside_runs, capsys, workdir):
+    out = workdir / "report"
+    assert compare(["--experiment", "outside", "--output", str(out), "--no-log"]) == 0
+    table = capsys.readouterr().out
+    assert "collapsed-run" in table and "Gating vs pruning" in table and "collapsed" in table
+    rows = list(csv.DictReader(io.StringIO((out / "runs.csv").read_text())))
+    assert {r["run_name"]: r["verdict"] for r in rows}["pruned-run"] == "pruned"
+    assert rows[0]["acc_hm"] == "76.0"
+    markdown = (out / "report.md").read_text()
+    assert "| collapsed-run | coop_gated | COMPLETE | collapsed | 3 |" in markdown
+    assert json.loads((out / "report.json").read_text())["experiment"] == "outside"
+    page = (out / "report.html").read_text()
+    assert page.count("<img") >= 4  # gap curves, gate trajectories, active tokens, acc vs T_target, acc vs params
+    assert "collapsed-run" in page and "http" not in page.split("<body>")[1]  # self-contained
+    for fmt in ("markdown", "csv", "json", "html"):
+        assert compare(["--experiment", "outside", "--format", fmt, "--no-log"]) == 0
+        assert capsys.readouterr().out.strip() == (out / {"markdown": "report.md", "csv": "runs.csv",
+                                                          "json": "report.json", "html": "report.html"}[fmt]
+                                                   ).read_text().strip()
+
+
+def test_report_is_logged_to_one_report_run(outside_runs, capsys):
+    client = MlflowClient(outside_runs)
+    exp = client.get_experiment_by_name("outside")
+    assert compare(["--experiment", "outside"]) == 0
+    assert compare(["--experiment", "outside"]) == 0
+    capsys.readouterr()
+    [report] = client.search_runs([exp.experiment_id], "tags.`mlgate.role` = 'report'")
+    assert {a.path for a in client.list_artifacts(report.info.run_id, "compare")} == {
+        "compare/report.md", "compare/runs.csv", "compare/report.json", "compare/report.html"}
+    assert len(_json(capsys)["runs"]) == 4  # the report run is not a run to compare
+
+
+def test_clear_errors(workdir, capsys):
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    assert compare(["--experiment", "nope", "--tracking-uri", uri]) == 2
+    assert "no experiment named 'nope'" in capsys.readouterr().err
+    mlflow.set_experiment("empty")
+    assert compare(["--experiment", "empty", "--tracking-uri", uri]) == 2
+    assert "has no runs" in capsys.readouterr().err
+    _log("x", {"other": [1.0]})
+    assert compare(["--experiment", "empty", "--tracking-uri", uri]) == 2
+    assert "vocabulary" in capsys.readouterr().err
+
+
+def test_compare_on_a_short_study(workdir, write_spec, capsys):
+    path = write_spec(study={"n_trials": 3})
+    assert mlgate_main(["run", str(path)]) == 0
+    capsys.readouterr()
+    assert compare(["--experiment", "tiny", "--format", "json", "--no-log"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert len(report["runs"]) == 3
+    for run in report["runs"]:
+        tags = client.get_run(run["run_id"]).data.tags
+        assert run["verdict"] == tags["mlgate.verdict"]  # compare agrees with the trainer
+        assert run["study"] == "tiny" and run["trial"] == int(tags["mlgate.trial"]) and run["method"] == "coop"
+        assert run["acc_hm"] is not None and run["trainable_params"] == 516
+    [group] = report["groups"]
+    assert group["n_runs"] == 3 and sum(group["verdicts"].values()) == 3
+
+
+def test_compare_over_http_with_a_postgresql_backed_server(mlflow_server, capsys):
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_experiment("remote")
+    _log("collapsed-run", {"grad/gap_log10": GAP_COLLAPSED, "gate/drift": [0.001], "gate/mean": [0.5]})
+    _log("adaptive-run", {"grad/gap_log10": [0.5], "gate/drift": [0.3], "gate/mean": [0.7]})
+    capsys.readouterr()  # MLflow prints run links when logging to a server
+    assert compare(["--experiment", "remote", "--tracking-uri", mlflow_server, "--format", "json"]) == 0
+    runs = {r["run_name"]: r["verdict"] for r in json.loads(capsys.readouterr().out)["runs"]}
+    assert runs == {"collapsed-run": "collapsed", "adaptive-run": "adaptive"}
+    client = MlflowClient(mlflow_server)
+    [report] = client.search_runs([client.get_experiment_by_name("remote").experiment_id],
+                                  "tags.`mlgate.role` = 'report'")
+    assert "compare/report.html" in {a.path for a in client.list_artifacts(report.info.run_id, "compare")}
