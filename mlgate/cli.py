@@ -92,6 +92,22 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_describe(args: argparse.Namespace) -> int:
+    from mlgate.describe import describe
+
+    info = describe(args.method, args.backbone, list(args.set or []), args.classes)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{info['method']} on {info['backbone']} ({info['classes']} classes)")
+    print(f"  trainable parameters: {info['trainable_params']:,}")
+    for group, count in info["params_by_group"].items():
+        print(f"    {group:<10} {count:>12,}")
+    print(f"  inference GFLOPs per image: {info['gflops_per_image']:.4g}"
+          f" (+ {info['gflops_once']:.4g} once for the class prompts)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlgate", description=__doc__.splitlines()[0])
     from mlgate import __version__
@@ -113,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("study", nargs="+")
     val.add_argument("--set", action="append", metavar="KEY=VALUE")
     val.set_defaults(func=cmd_validate)
+
+    desc = sub.add_parser("describe", help="trainable parameters and inference GFLOPs of a method")
+    desc.add_argument("method")
+    desc.add_argument("--backbone", default="mlgate-tiny", help="open_clip model name (random init)")
+    desc.add_argument("--set", action="append", metavar="method.KEY=VALUE")
+    desc.add_argument("--classes", type=int, default=10, help="number of classes scored (default 10)")
+    desc.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    desc.set_defaults(func=cmd_describe)
 
     sub.add_parser("list", help="the studies in studies/").set_defaults(func=cmd_list)
     sub.add_parser("schema", help="JSON Schema of a study spec").set_defaults(func=cmd_schema)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 from pathlib import Path
 
 import open_clip
@@ -87,23 +88,72 @@ class PromptedCLIP(nn.Module):
         """Token embeddings (N, L, D) of token ids."""
         return self.text.token_embedding(tokens)
 
-    def encode_text_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
-        """Text features (N, E) of a batch of embedded prompts (N, L, D) pooled at ``eot_index``.
+    def encode_text_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor, n_prompt: int = 0,
+                               deep: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
+        """Text features (N, E) of embedded prompts (N, L, D) pooled at ``eot_index``.
 
-        L may be shorter than the model's context length; it must exceed every ``eot_index``.
+        The prompt occupies positions ``1 : 1 + n_prompt`` (after SOS). ``deep[i]`` (for layers 1...)
+        replaces the prompt tokens at the input of layer ``i``: a tensor (n, D) shared by all sequences
+        or (N, n, D), or None to carry the previous layer's tokens. ``n`` may differ from layer to
+        layer (heterogeneous lengths); the EOT position and the causal mask follow. L may be shorter
+        than the model's context length.
         """
-        length = x.shape[1]
         cast = self.text.transformer.get_cast_dtype()
-        x = x.to(cast) + self.text.positional_embedding[:length].to(cast)
-        mask = self.text.attn_mask[:length, :length]
-        for block in self.text.transformer.resblocks:
-            x = block(x, attn_mask=mask)
+        x = x.to(cast) + self.text.positional_embedding[: x.shape[1]].to(cast)
+        eot = eot_index
+        for i, block in enumerate(self.text.transformer.resblocks):
+            prompt = deep[i] if 0 < i < len(deep) else None
+            if prompt is not None:
+                prompt = _per_sample(prompt, x.shape[0]).to(cast)
+                x = torch.cat([x[:, :1], prompt, x[:, 1 + n_prompt :]], dim=1)
+                eot = eot + (prompt.shape[1] - n_prompt)
+                n_prompt = prompt.shape[1]
+            x = block(x, attn_mask=self._causal_mask(x.shape[1], x.device, cast))
         x = self.text.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = self.text.text_projection
         if proj is None:
             return x
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def _causal_mask(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        base = self.text.attn_mask
+        if length <= base.shape[0]:
+            return base[:length, :length]
+        return torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu(1)
+
+    @property
+    def vision_width(self) -> int:
+        return self.model.visual.conv1.out_channels
+
+    def encode_image_prompted(self, images: torch.Tensor, shallow: torch.Tensor | None = None,
+                              deep: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
+        """Image features (N, E) with prompt tokens appended to the ViT sequence (MaPLe-style).
+
+        ``shallow`` ((n, Dv) or (N, n, Dv)) is appended before ``ln_pre``; ``deep[i]`` replaces the
+        prompt tokens (the last ones) at the input of layer ``i``, or None to carry them on. Pooling
+        is on the CLS token, so prompts need no mask.
+        """
+        visual = self.model.visual
+        x = visual.conv1(images.to(visual.conv1.weight.dtype))
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        n_prompt = 0
+        if shallow is not None:
+            shallow = _per_sample(shallow, x.shape[0]).to(x.dtype)
+            x = torch.cat([x, shallow], dim=1)
+            n_prompt = shallow.shape[1]
+        x = visual.ln_pre(x)
+        for i, block in enumerate(visual.transformer.resblocks):
+            prompt = deep[i] if 0 < i < len(deep) else None
+            if prompt is not None:
+                prompt = _per_sample(prompt, x.shape[0]).to(x.dtype)
+                x = torch.cat([x[:, : x.shape[1] - n_prompt], prompt], dim=1)
+                n_prompt = prompt.shape[1]
+            x = block(x)
+        pooled, _ = visual._pool(x)
+        return pooled @ visual.proj if visual.proj is not None else pooled
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Image features (N, E) from the frozen vision tower."""
@@ -130,6 +180,11 @@ def _quiet_random_init():
         yield
     finally:
         root.removeFilter(drop)
+
+
+def _per_sample(prompt: torch.Tensor, n: int) -> torch.Tensor:
+    # (k, D) shared prompt → (n, k, D); (n, k, D) stays.
+    return prompt.unsqueeze(0).expand(n, -1, -1) if prompt.dim() == 2 else prompt
 
 
 def load_backbone(name: str, pretrained: str | None, device: torch.device | str = "cpu") -> PromptedCLIP:

@@ -42,23 +42,31 @@ def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 class Diagnostics:
     """Records ``loss/*``, ``grad/*`` and ``gate/*`` metrics for one model.
 
-    ``prompt_params`` and ``gate_params`` are the parameter groups; ``activation`` maps gate logits to
-    gate values (σ by default). ``record`` is called after ``backward()`` and before the optimizer step.
+    ``prompt_params`` and ``gate_params`` are the parameter groups. ``gate_values()`` returns the gate
+    activations, flat (G,) or per input (B, G); by default σ of the gate parameters. ``gate_metrics()``
+    adds model-specific gate metrics (per-depth ones, say). ``record`` is called after ``backward()``
+    and before the optimizer step.
     """
 
     def __init__(self, prompt_params: Sequence[nn.Parameter], gate_params: Sequence[nn.Parameter] = (),
-                 activation: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid) -> None:
+                 gate_values: Callable[[], torch.Tensor | None] | None = None,
+                 gate_metrics: Callable[[], dict[str, torch.Tensor]] | None = None) -> None:
         self.prompt_params = list(prompt_params)
         self.gate_params = list(gate_params)
-        self.activation = activation
-        self.gate_init = self.gate_values().detach().clone() if self.gate_params else None
+        self._gate_values = gate_values or (lambda: _flat([torch.sigmoid(p) for p in self.gate_params]))
+        self._gate_metrics = gate_metrics or dict
+        self.gate_init: torch.Tensor | None = None
+        if self.gate_params:
+            init = self._gate_values()
+            self.gate_init = None if init is None or init.dim() > 1 else init.detach().clone()
         self._steps: list[int] = []
         self._keys: list[tuple[str, ...]] = []
         self._rows: list[torch.Tensor] = []
 
     def gate_values(self) -> torch.Tensor:
-        """All gate activations as one flat tensor."""
-        return _flat([self.activation(p) for p in self.gate_params])
+        """Gate activations, flat (G,) — averaged over the batch for input-dependent gates."""
+        values = self._gate_values()
+        return values.mean(0) if values.dim() > 1 else values
 
     def term_gate_grads(self, terms: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Flat gate gradients of each loss term. Call before ``backward()`` (graphs are kept)."""
@@ -93,7 +101,12 @@ class Diagnostics:
             prompt_norm = prompt_norm.to(gate_grad.device)
             reg = list(reg_gate_grads or [])
             terms = [gate_grad - torch.stack(reg).sum(0)] + reg if reg else [gate_grad]
-            act = self.gate_values()
+            values = self._gate_values()
+            act = values.mean(0) if values.dim() > 1 else values
+            if self.gate_init is None:  # input-dependent gates: drift from their first measured mean
+                self.gate_init = act.detach().clone()
+            # Input dependence: std across the batch, averaged over gates (0 for static gates).
+            batch_std = values.std(0).mean() if values.dim() > 1 and values.shape[0] > 1 else act.new_zeros(())
             keys += ["grad/gate_norm", "grad/gap_log10", "grad/gate_cancellation", "gate/mean", "gate/min",
                      "gate/max", "gate/drift", "gate/batch_std", "gate/effective_length", "gate/entropy"]
             row += [
@@ -102,10 +115,13 @@ class Diagnostics:
                 cancellation(terms),
                 act.mean(), act.min(), act.max(),
                 (act - self.gate_init).abs().max(),
-                torch.zeros((), device=act.device),  # static gates do not depend on the input
+                batch_std,
                 act.sum(),
                 binary_entropy(act).mean(),
             ]
+            extra = self._gate_metrics()
+            keys += list(extra)  # method-specific ones override the generic (e.g. effective_length)
+            row += list(extra.values())
         device = row[-1].device
         self._steps.append(step)
         self._keys.append(tuple(keys))

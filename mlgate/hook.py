@@ -49,7 +49,9 @@ class Monitor:
             run_id = active.info.run_id
         self.run_id = run_id
         self.client = MlflowClient(mlflow.get_tracking_uri())
-        self.diagnostics = Diagnostics(list(prompt_params), list(gate_params), activation)
+        gate_params = list(gate_params)
+        self.diagnostics = Diagnostics(list(prompt_params), gate_params,
+                                       lambda: torch.cat([activation(p).reshape(-1) for p in gate_params]))
         self.history = MetricHistory()
         self.thresholds = thresholds
         self.every, self.flush_every = every, flush_every

@@ -16,7 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mlgate.errors import SpecError
-from mlgate.methods import config_classes
+from mlgate.methods import config_classes, method_class
 from mlgate.methods.base import StrictModel
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
@@ -297,7 +297,7 @@ class StudySpec(StrictModel):
     experiment: str | None = Field(None, description="MLflow experiment (default: the study name).")
     description: str = ""
     study: StudySection = Field(default_factory=StudySection)
-    method: MethodSpec = Field(default_factory=lambda: _method_classes[0]())  # type: ignore[valid-type]
+    method: MethodSpec = Field(default_factory=lambda: method_class("coop").Config())  # type: ignore[valid-type]
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -344,10 +344,20 @@ class StudySpec(StrictModel):
         return {k: _canonical(v) for k, v in flatten(self.model_dump(mode="json", exclude={"search"})).items()}
 
     def with_values(self, values: dict[str, Any]) -> StudySpec:
-        """A copy with ``values`` (dotted path → value) written in, validated again."""
+        """A trial's config: a copy with ``values`` (dotted path → value) written in, validated again.
+        It searches nothing itself, so its search block is empty."""
         data = self.model_dump(mode="json")
+        data["search"] = {}
         for key, value in values.items():
             set_dotted(data, key, value)
+        if data["method"]["name"] != self.method.name:
+            # Switching method (e.g. a search over method.name) keeps the settings the new one has.
+            try:
+                fields = method_class(data["method"]["name"]).Config.model_fields
+            except KeyError:
+                fields = None  # let validation name the unknown method
+            if fields is not None:
+                data["method"] = {k: v for k, v in data["method"].items() if k in fields}
         return StudySpec.model_validate(data)
 
 

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from mlgate.errors import MlgateError, StudyFailed
 from mlgate.spec import CategoricalDistribution, FloatDistribution, StudySpec
 from mlgate.tracking import StudyTracker, redact, resolve_tracking_uri
-from mlgate.training import EVAL_METRICS, train
+from mlgate.training import EVAL_METRICS, preflight, train
 from mlgate.verdicts import COLLAPSED, Thresholds
 
 STUDY_RUN_ATTR = "mlgate.study_run_id"
@@ -153,6 +153,7 @@ def run_study(spec: StudySpec, tracking_uri: str | None = None, storage: str | N
     if spec.study.objective not in EVAL_METRICS:
         raise MlgateError(f"study.objective: {spec.study.objective!r} is not reported at evaluation; "
                           f"valid: {', '.join(EVAL_METRICS)}.")
+    preflight(spec)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # mlgate reports each trial itself
     study = optuna.create_study(

@@ -20,6 +20,7 @@ from torch import nn
 
 from mlgate.clip import PromptedCLIP, load_backbone
 from mlgate.data import FewShotData, Split, load_dataset
+from mlgate.errors import MlgateError
 from mlgate.diagnostics import Diagnostics, binary_entropy
 from mlgate.methods import PromptMethod, build_method
 from mlgate.spec import PhasesSpec, StudySpec, TemperatureSpec, TrainSpec
@@ -205,6 +206,16 @@ def equalize_gate_grads(gates: list[nn.Parameter], activation: Callable[[torch.T
             p.grad.mul_((1.0 / (s * (1 - s) + eps)).clamp(max=cap))
 
 
+def preflight(spec: StudySpec) -> None:
+    """Build the backbone and method once on the CPU, so a spec that cannot train (a depth beyond the
+    backbone's layers, a ctx_init of the wrong length, missing weights) fails before any trial starts."""
+    clip = load_backbone(spec.backbone.name, spec.backbone.pretrained, "cpu")
+    try:
+        build_method(spec.method, clip, ["a", "b"])
+    except ValueError as exc:
+        raise MlgateError(f"method: {exc}.") from None
+
+
 def train(spec: StudySpec, sink: Sink | None = None,
           on_eval: Callable[[int, dict[str, float]], None] | None = None) -> TrialOutcome:
     """Train ``spec.method`` for ``spec.train`` and return the final metrics and verdict.
@@ -231,7 +242,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
     check_optimizer_covers(method, optimizer)
     groups = method.param_groups()
     gates = groups.get("gate", [])
-    diagnostics = Diagnostics(groups.get("prompt", []), gates, method.gate_activation)
+    diagnostics = Diagnostics(groups.get("prompt", []), gates, method.gate_values, method.gate_metrics)
 
     steps = total_steps(cfg, len(splits["train"]))
     steps_per_epoch = max(1, math.ceil(len(splits["train"]) / cfg.batch_size))
@@ -246,7 +257,8 @@ def train(spec: StudySpec, sink: Sink | None = None,
     gate_values: list[np.ndarray] = []
 
     def record_gates(step: int) -> None:
-        if gates:
+        values = method.gate_values() if gates else None
+        if values is not None:  # (input-dependent gates have values only after a forward)
             gate_steps.append(step)
             gate_values.append(diagnostics.gate_values().detach().float().cpu().numpy())
 

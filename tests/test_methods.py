@@ -104,3 +104,164 @@ def test_gate_lr_multiplier_scales_the_gate_update(clip):
         deltas[mult] = (method.gates.detach() - before).norm()
     assert deltas[1.0] > 0
     torch.testing.assert_close(deltas[100.0] / deltas[1.0], torch.tensor(100.0), rtol=1e-3, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every method of the gating paper on the shared prompted forward.
+
+from mlgate.describe import describe  # noqa: E402
+from mlgate.methods import method_class, method_names  # noqa: E402
+from mlgate.training import check_optimizer_covers as _covers  # noqa: E402
+
+VARIANTS = [
+    ("coop", {}), ("coop", {"csc": True, "class_token_position": "middle"}),
+    ("coop", {"class_token_position": "front", "gate": {"enabled": False}}),
+    ("cocoop", {}), ("cocoop", {"gate": {"enabled": True}}),
+    ("cocoop", {"gate": {"enabled": True}, "gate_mode": "conditional"}),
+    ("maple", {}), ("bimaple", {}),
+    ("adaptive_bimaple", {}), ("adaptive_bimaple", {"mode": "length_only"}),
+    ("adaptive_bimaple", {"mode": "depth_only"}), ("adaptive_bimaple", {"gate_strategy": "per_layer"}),
+    ("adaptive_bimaple", {"gate_strategy": "fixed"}), ("adaptive_bimaple", {"gate_strategy": "random"}),
+    ("adaptive_bimaple", {"control": "param_matched"}), ("adaptive_bimaple", {"control": "always_frozen"}),
+    ("adaptive_bimaple", {"control": "explicit_reg"}),
+]
+
+
+def _inputs(clip, method, n=3):
+    size = clip.image_norm.size
+    images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return images if method.prompts_vision else clip.encode_image(images)
+
+
+def test_every_registered_method_is_covered():
+    assert set(method_names()) == {name for name, _ in VARIANTS}
+
+
+@pytest.mark.parametrize("name, settings", VARIANTS, ids=lambda v: str(v))
+def test_shapes_and_a_gradient_step(clip, name, settings):
+    torch.manual_seed(0)
+    method = build_method(method_class(name).Config(**settings), clip, CLASSES)
+    optimizer = build_optimizer(method, TrainSpec())
+    _covers(method, optimizer)
+    method.train()
+    logits = method(_inputs(clip, method), torch.tensor([1, 3, 4, 5]))
+    assert logits.shape == (3, 4)
+    loss = F.cross_entropy(logits, torch.tensor([0, 1, 2])) + sum(method.regularizers().values(), torch.tensor(0.0))
+    optimizer.zero_grad()
+    loss.backward()
+    for group, params in method.param_groups().items():
+        grads = [p.grad for p in params]
+        assert all(g is not None for g in grads), group
+        assert sum(g.abs().sum() for g in grads) > 0, f"{group} got zero gradient"
+    before = [p.detach().clone() for ps in method.param_groups().values() for p in ps]
+    optimizer.step()
+    after = [p.detach() for ps in method.param_groups().values() for p in ps]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    method.eval()
+    with torch.no_grad():
+        assert method(_inputs(clip, method), torch.tensor([0, 2])).shape == (3, 2)
+
+
+def test_cocoop_parameter_count_formula(clip):
+    n_ctx, width, feat = 4, clip.text_width, clip.model.visual.output_dim
+    hidden = feat // 16
+    meta = feat * hidden + hidden + hidden * width + width
+    plain = build_method(method_class("cocoop").Config(n_ctx=n_ctx), clip, CLASSES)
+    assert sum(p.numel() for p in plain.parameters()) == n_ctx * width + meta
+    static = build_method(method_class("cocoop").Config(n_ctx=n_ctx, gate={"enabled": True}), clip, CLASSES)
+    assert sum(p.numel() for p in static.parameters()) == n_ctx * width + meta + n_ctx
+    cond = build_method(method_class("cocoop").Config(n_ctx=n_ctx, gate={"enabled": True}, gate_mode="conditional"),
+                        clip, CLASSES)
+    assert sum(p.numel() for p in cond.parameters()) == n_ctx * width + meta + width * n_ctx + n_ctx
+
+
+def test_conditional_gates_depend_on_the_input(clip):
+    cfg = method_class("cocoop").Config(gate={"enabled": True}, gate_mode="conditional")
+    method = build_method(cfg, clip, CLASSES)
+    with torch.no_grad():
+        method.gate_head.weight.normal_(0, 1.0)
+    method(_inputs(clip, method, n=5), torch.arange(3))
+    values = method.gate_values()
+    assert values.shape == (5, 4) and values.std(0).mean() > 0
+
+
+def test_maple_parameter_count_matches_the_reference_formula():
+    # MaPLe on ViT-B/16, N_CTX 2, depth 9: ≈3.555M trainable parameters (random init, no download).
+    info = describe("maple", "ViT-B-16", ["method.n_ctx=2", "method.depth=9"], n_classes=2)
+    d_t, d_v = 512, 768
+    assert info["trainable_params"] == 2 * d_t + (d_t * d_v + d_v) + 8 * (2 * d_t + d_t * d_v + d_v) == 3_555_072
+    assert 30 < info["gflops_per_image"] < 45  # one ViT-B/16 image forward with 2 extra tokens
+
+
+def _adaptive(clip, **settings):
+    torch.manual_seed(0)
+    return build_method(method_class("adaptive_bimaple").Config(**settings), clip, CLASSES)
+
+
+def test_inference_drops_gated_tokens_but_training_keeps_them_soft(clip):
+    method = _adaptive(clip)
+    images, classes = _inputs(clip, method), torch.arange(4)
+    with torch.no_grad():
+        method.length_gates[0].copy_(torch.tensor([5.0, -5.0, 5.0, -5.0]))  # depth 0: tokens 1 and 3 off
+    method.eval()
+    with torch.no_grad():
+        before_eval = method(images, classes)
+        method.train()
+        before_train = method(images, classes)
+        method.ctx[1].add_(1.0)  # change a token that inference drops
+        method.ctx[3].add_(1.0)
+        after_train = method(images, classes)
+        method.eval()
+        after_eval = method(images, classes)
+    torch.testing.assert_close(after_eval, before_eval)  # dropped: no part in the computation
+    assert not torch.allclose(after_train, before_train)  # soft gates still pass σ(-5) of it
+
+
+def test_closed_depth_gate_skips_its_layer_at_inference(clip):
+    method = _adaptive(clip)
+    images, classes = _inputs(clip, method), torch.arange(4)
+    with torch.no_grad():
+        method.depth_gates.copy_(torch.tensor([5.0, -5.0]))  # layer 2 inserts nothing
+        method.eval()
+        before = method(images, classes)
+        method.deep_text[1].add_(1.0)
+        torch.testing.assert_close(method(images, classes), before)
+        method.deep_text[0].add_(1.0)  # layer 1 is inserted: it matters
+        assert not torch.allclose(method(images, classes), before)
+
+
+def test_eot_stays_right_when_every_context_token_is_dropped(clip):
+    method = _adaptive(clip, depth=1, mode="length_only", cycle_weight=0.0)
+    with torch.no_grad():
+        method.length_gates.fill_(-5.0)
+    method.eval()
+    with torch.no_grad():
+        text, _ = method._hard_prompts(*method.layer_prompts(), method._length_probs(), None)
+        prompts, eot = method.tokens.assemble(text[0], torch.arange(len(CLASSES)))
+        features = F.normalize(clip.encode_text_embeddings(prompts, eot - 4, 0), dim=-1)
+    # With no context left the prompt is just "<classname>." — pooled at its real EOT.
+    torch.testing.assert_close(features, clip.encode_class_texts([f"{c}." for c in CLASSES]), atol=1e-5, rtol=1e-5)
+
+
+def test_inference_flops_fall_when_gates_close(clip):
+    method = _adaptive(clip)
+    method.eval().requires_grad_(False)
+    images, classes = _inputs(clip, method), torch.arange(4)
+    from mlgate.describe import _flops
+
+    open_flops = _flops(lambda: method(images, classes))
+    method.length_gates.fill_(-5.0)
+    assert _flops(lambda: method(images, classes)) < open_flops
+
+
+def test_describe_cli(capsys):
+    from mlgate.cli import main
+
+    assert main(["describe", "coop", "--set", "method.n_ctx=2", "--set", "method.ctx_init=a photo", "--json"]) == 0
+    import json
+
+    info = json.loads(capsys.readouterr().out)
+    assert info["params_by_group"] == {"prompt": 2 * 128, "gate": 2}
+    assert main(["describe", "coop", "--set", "method.n_ctx=zero"]) == 2
+    assert "method.n_ctx" in capsys.readouterr().err
+    assert main(["describe", "nope"]) == 2

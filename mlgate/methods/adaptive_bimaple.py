@@ -1,0 +1,162 @@
+"""AdaptiveBiMaPLe: BiMaPLe whose prompt length and depth are gated (the gating paper's main testbed).
+
+Length gates: one sigmoid gate per prompt token at every depth 0..J-1 (shared by the text and vision
+prompt of that depth). Depth gates: one insertion gate per deep layer 1..J-1 (all of them: the
+reference's off-by-one left the first ungated). Training is soft — tokens are scaled by their gate,
+deep prompts by their depth gate; inference is hard — tokens with σ ≤ threshold are dropped (the
+sequences get shorter, the EOT position follows) and a layer whose depth gate is ≤ threshold inserts
+nothing, carrying the previous layer's prompt tokens on.
+
+Also the paper's Table II gate strategies (``per_token``, ``per_layer``, ``fixed`` all-on, ``random``)
+and the EuroSAT controls (``param_matched``, ``always_frozen``, ``explicit_reg``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mlgate.methods import register
+from mlgate.methods.base import GateConfig, init_gate_logits
+from mlgate.methods.bimaple import BiMaPLe, BiMaPLeConfig
+
+
+class AdaptiveBiMaPLeConfig(BiMaPLeConfig):
+    name: Literal["adaptive_bimaple"] = "adaptive_bimaple"  # type: ignore[assignment]
+    n_ctx: int = Field(4, ge=1, le=64, description="Maximum prompt length L (reference: 4).")
+    ctx_init: str | None = "a photo of a"
+    default_depth: ClassVar[int] = 8  # maximum prompt depth J of the reference
+    mode: Literal["full", "length_only", "depth_only"] = Field(
+        "full", description="Which gates exist: both, the length gates only, or the depth gates only.")
+    gate_strategy: Literal["per_token", "per_layer", "fixed", "random"] = Field(
+        "per_token", description="Length gates per token, one per layer, fixed all-on, or fixed random.")
+    control: Literal["none", "param_matched", "always_frozen", "explicit_reg"] = Field(
+        "none", description="EuroSAT controls: no gates with as many extra parameters; gates frozen "
+        "from the start; prompt dropout instead of gates.")
+    gate: GateConfig = Field(default_factory=lambda: GateConfig(init="constant", init_value=1.0, sparsity=1e-3))
+    depth_gate_init: float = Field(1.0, description="Initial depth-gate logit (σ(1) ≈ 0.73).")
+    depth_smoothness: float = Field(2e-4, ge=0.0, description="Weight of Σ|p_{d+1} − p_d| over depth gates.")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Inference keeps gates above this.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Prompt dropout of the explicit_reg control.")
+
+
+@register("adaptive_bimaple")
+class AdaptiveBiMaPLe(BiMaPLe):
+    Config = AdaptiveBiMaPLeConfig
+
+    def __init__(self, clip, classnames: list[str], cfg: AdaptiveBiMaPLeConfig) -> None:
+        super().__init__(clip, classnames, cfg)
+        device = self.ctx.device
+        gated = cfg.control in ("none", "always_frozen")
+        use_length = gated and cfg.mode in ("full", "length_only")
+        use_depth = gated and cfg.mode in ("full", "depth_only") and self.depth > 1
+        width = cfg.n_ctx if cfg.gate_strategy != "per_layer" else 1
+        length = init_gate_logits(self.depth * width, cfg.gate).view(self.depth, width).to(device)
+        depth = torch.full((max(self.depth - 1, 0),), cfg.depth_gate_init, device=device)
+        if cfg.gate_strategy == "fixed":
+            length, depth = torch.full_like(length, 10.0), torch.full_like(depth, 10.0)  # all on
+        elif cfg.gate_strategy == "random":
+            g = torch.Generator().manual_seed(0)
+            signs = torch.randint(0, 2, length.shape, generator=g) * 4.0 - 2.0  # logits ±2 + N(0, 0.5)
+            length = (signs + 0.5 * torch.randn(length.shape, generator=g)).to(device)
+        trainable = cfg.control == "none" and cfg.gate_strategy in ("per_token", "per_layer")
+        # Fixed, random and frozen gates are buffers: they act, but nothing trains them.
+        self._set_gate("length_gates", length if use_length else None, trainable)
+        self._set_gate("depth_gates", depth if use_depth else None, trainable and cfg.gate_strategy != "random")
+        self.token_bias = self.depth_scale = None
+        if cfg.control == "param_matched":  # the same count of extra trainable parameters, no gating
+            self.token_bias = nn.Parameter(torch.zeros(self.depth, cfg.n_ctx, 1, device=device))
+            self.depth_scale = nn.Parameter(torch.zeros(max(self.depth - 1, 0), device=device))
+
+    def _set_gate(self, name: str, logits: torch.Tensor | None, trainable: bool) -> None:
+        if logits is None:
+            setattr(self, name, None)
+        elif trainable:
+            setattr(self, name, nn.Parameter(logits))
+        else:
+            self.register_buffer(name, logits)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = super().param_groups()
+        gates = [g for g in (self.length_gates, self.depth_gates) if isinstance(g, nn.Parameter)]
+        if gates:
+            groups["gate"] = gates
+        if self.token_bias is not None:
+            groups["coupling"] += [self.token_bias, self.depth_scale]
+        return groups
+
+    def _length_probs(self) -> torch.Tensor | None:
+        if self.length_gates is None:
+            return None
+        return self.gate_activation(self.length_gates).expand(self.depth, self.cfg.n_ctx)
+
+    def _depth_probs(self) -> torch.Tensor | None:
+        return None if self.depth_gates is None else self.gate_activation(self.depth_gates)
+
+    def gate_values(self) -> torch.Tensor | None:
+        parts = [p.reshape(-1) for p in (self._length_probs(), self._depth_probs()) if p is not None]
+        return torch.cat(parts) if parts else None
+
+    def gate_metrics(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        length = self._length_probs()
+        if length is not None:
+            per_depth = length.sum(-1)
+            out["gate/effective_length"] = per_depth.mean()
+            out.update({f"gate/effective_length/d{k}": v for k, v in enumerate(per_depth)})
+        depth = self._depth_probs()
+        if depth is not None:
+            out["gate/depth_prob"] = depth.mean()
+            out.update({f"gate/depth_prob/d{k + 1}": v for k, v in enumerate(depth)})
+        return out
+
+    def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        text, vision = self.layer_prompts()
+        if self.token_bias is not None:  # param_matched control
+            text = [t + self.token_bias[i] for i, t in enumerate(text)]
+            vision = [v + self.token_bias[i] for i, v in enumerate(vision)]
+            scale = [torch.ones((), device=self.ctx.device), *(1 + self.depth_scale)]
+            text = [t * s for t, s in zip(text, scale)]
+            vision = [v * s for v, s in zip(vision, scale)]
+        if self.cfg.control == "explicit_reg" and self.training:
+            text = [F.dropout(t, self.cfg.dropout) for t in text]
+            vision = [F.dropout(v, self.cfg.dropout) for v in vision]
+        length, depth = self._length_probs(), self._depth_probs()
+        if self.training:  # soft: scale tokens by their length gate, deep prompts by their depth gate
+            if length is not None:
+                text = [t * length[i, :, None] for i, t in enumerate(text)]
+                vision = [v * length[i, :, None] for i, v in enumerate(vision)]
+            if depth is not None:
+                text = [text[0], *(t * depth[i] for i, t in enumerate(text[1:]))]
+                vision = [vision[0], *(v * depth[i] for i, v in enumerate(vision[1:]))]
+            return self.encode(images, class_ids, text, vision)
+        return self.encode(images, class_ids, *self._hard_prompts(text, vision, length, depth))
+
+    def _hard_prompts(self, text, vision, length, depth):
+        """Inference: drop tokens whose gate is at or below the threshold, skip layers likewise."""
+        t_out: list[torch.Tensor | None] = []
+        v_out: list[torch.Tensor | None] = []
+        for i, (t, v) in enumerate(zip(text, vision)):
+            if i > 0 and depth is not None and depth[i - 1] <= self.cfg.threshold:
+                t_out.append(None)
+                v_out.append(None)
+                continue
+            if length is not None:
+                keep = length[i] > self.cfg.threshold
+                t, v = t[keep], v[keep]
+            t_out.append(t)
+            v_out.append(v)
+        return t_out, v_out
+
+    def regularizers(self) -> dict[str, torch.Tensor]:
+        out = super().regularizers()  # cycle
+        length, depth = self._length_probs(), self._depth_probs()
+        if isinstance(self.length_gates, nn.Parameter) and self.cfg.gate.sparsity > 0:
+            out["sparsity"] = self.cfg.gate.sparsity * length.sum()
+        if isinstance(self.depth_gates, nn.Parameter) and self.cfg.depth_smoothness > 0 and len(depth) > 1:
+            out["depth_smoothness"] = self.cfg.depth_smoothness * (depth[1:] - depth[:-1]).abs().sum()
+        return out

@@ -1,0 +1,64 @@
+"""BiMaPLe: MaPLe with bidirectional coupling (the gating paper's testbed before gates).
+
+Per deep layer i: vᵢ = Fᵢ(tᵢ) as in MaPLe, then text←vision and vision←text MLPs fused with learnable
+coefficients a = σ(αᵢ), b = σ(βᵢ):  tᵢ' = a·tᵢ + (1−a)·V2Lᵢ(vᵢ),  vᵢ' = b·vᵢ + (1−b)·L2Vᵢ(tᵢ').
+A cycle-consistency loss keeps the round trip close: mean_i MSE(tᵢ, V2Lᵢ(L2Vᵢ(tᵢ))).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mlgate.methods import register
+from mlgate.methods.maple import MaPLe, MaPLeConfig
+
+
+class BiMaPLeConfig(MaPLeConfig):
+    name: Literal["bimaple"] = "bimaple"  # type: ignore[assignment]
+    cycle_weight: float = Field(0.1, ge=0.0, description="Weight of the cycle-consistency loss.")
+    fusion_init: float = Field(0.5, description="Initial fusion logits α, β (σ(0.5) ≈ 0.62).")
+
+
+def _mlp(d_in: int, d_out: int) -> nn.Sequential:
+    hidden = max(d_in // 2, 64)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
+
+
+@register("bimaple")
+class BiMaPLe(MaPLe):
+    Config = BiMaPLeConfig
+
+    def __init__(self, clip, classnames: list[str], cfg: BiMaPLeConfig) -> None:
+        super().__init__(clip, classnames, cfg)
+        d_text, d_vision, n_deep = clip.text_width, clip.vision_width, self.depth - 1
+        device = self.ctx.device
+        self.l2v = nn.ModuleList(_mlp(d_text, d_vision) for _ in range(n_deep)).to(device)
+        self.v2l = nn.ModuleList(_mlp(d_vision, d_text) for _ in range(n_deep)).to(device)
+        self.alpha = nn.Parameter(torch.full((n_deep,), cfg.fusion_init, device=device))
+        self.beta = nn.Parameter(torch.full((n_deep,), cfg.fusion_init, device=device))
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = super().param_groups()
+        groups["coupling"] += [*self.l2v.parameters(), *self.v2l.parameters(), self.alpha, self.beta]
+        return groups
+
+    def layer_prompts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        text, vision = [self.ctx], [self.proj(self.ctx)]
+        for i, t in enumerate(self.deep_text):
+            v = self.deep_proj[i](t)
+            a, b = torch.sigmoid(self.alpha[i]), torch.sigmoid(self.beta[i])
+            t_fused = a * t + (1 - a) * self.v2l[i](v)
+            text.append(t_fused)
+            vision.append(b * v + (1 - b) * self.l2v[i](t_fused))
+        return text, vision
+
+    def regularizers(self) -> dict[str, torch.Tensor]:
+        if self.cfg.cycle_weight == 0 or len(self.deep_text) == 0:
+            return {}
+        cycle = torch.stack([F.mse_loss(self.v2l[i](self.l2v[i](t)), t) for i, t in enumerate(self.deep_text)])
+        return {"cycle": self.cfg.cycle_weight * cycle.mean()}

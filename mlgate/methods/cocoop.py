@@ -1,0 +1,94 @@
+"""CoCoOp (Zhou et al., 2022): image-conditioned context through a meta-net, with the gating paper's
+optional gates.
+
+Per image x: π(x) = meta_net(f(x)) shifts every context token, ``ctxᵢ(x) = vᵢ + π(x)``. Gates:
+``static`` per-token gates give ``σ(gᵢ)·vᵢ + π(x)`` (the released CoCoOp-gating); ``conditional``
+gates are computed from the meta-net's conditioning vector, ``(vᵢ + π(x))·σ(h(π(x))ᵢ)``, so they
+depend on the input (``gate/batch_std`` measures how much).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mlgate.methods import register
+from mlgate.methods.base import ClassTokens, GateConfig, MethodConfig, PromptMethod, init_context, init_gate_logits
+
+
+class CoCoOpConfig(MethodConfig):
+    name: Literal["cocoop"] = "cocoop"
+    n_ctx: int = Field(4, ge=1, le=64)
+    ctx_init: str | None = "a photo of a"
+    meta_net_reduction: int = Field(16, ge=1, description="Meta-net hidden width = feature dim // this.")
+    gate: GateConfig = Field(default_factory=lambda: GateConfig(enabled=False))
+    gate_mode: Literal["static", "conditional"] = Field(
+        "static", description="static: per-token gates; conditional: gates from the meta-net's output.")
+
+
+@register("cocoop")
+class CoCoOp(PromptMethod):
+    Config = CoCoOpConfig
+    prompts_vision = False
+
+    def __init__(self, clip, classnames: list[str], cfg: CoCoOpConfig) -> None:
+        super().__init__()
+        object.__setattr__(self, "clip", clip)
+        self.cfg = cfg
+        self.tokens = ClassTokens(clip, classnames, cfg.n_ctx)
+        self.ctx = nn.Parameter(init_context(clip, cfg.n_ctx, cfg.ctx_init))
+        feature_dim, width = clip.model.visual.output_dim, clip.text_width
+        hidden = max(1, feature_dim // cfg.meta_net_reduction)
+        device = self.ctx.device
+        self.meta_net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True),
+                                      nn.Linear(hidden, width)).to(device)
+        self.gates = self.gate_head = None
+        if cfg.gate.enabled and cfg.gate_mode == "static":
+            self.gates = nn.Parameter(init_gate_logits(cfg.n_ctx, cfg.gate).to(device))
+        elif cfg.gate.enabled:
+            self.gate_head = nn.Linear(width, cfg.n_ctx).to(device)
+            with torch.no_grad():  # start as the configured static init; the input then modulates it
+                self.gate_head.weight.mul_(0.01)
+                self.gate_head.bias.copy_(init_gate_logits(cfg.n_ctx, cfg.gate))
+        self._last_gates: torch.Tensor | None = None
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = {"prompt": [self.ctx], "meta_net": list(self.meta_net.parameters())}
+        if self.gates is not None:
+            groups["gate"] = [self.gates]
+        elif self.gate_head is not None:
+            groups["gate"] = list(self.gate_head.parameters())
+        return groups
+
+    def gate_values(self) -> torch.Tensor | None:
+        if self.gate_head is not None:
+            return self._last_gates  # (B, n_ctx) of the last forward
+        return super().gate_values()
+
+    def forward(self, image_features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        image_features = F.normalize(image_features, dim=-1)
+        bias = self.meta_net(image_features.to(self.ctx.dtype))  # (B, D): the conditioning vector π(x)
+        if self.gates is not None:
+            ctx = self.gate_activation(self.gates).unsqueeze(-1) * self.ctx + bias[:, None]
+        else:
+            ctx = self.ctx.unsqueeze(0) + bias[:, None]  # (B, n, D)
+            if self.gate_head is not None:
+                gates = self.gate_activation(self.gate_head(bias))  # (B, n)
+                self._last_gates = gates
+                ctx = ctx * gates.unsqueeze(-1)
+        n_img, n_cls = ctx.shape[0], len(class_ids)
+        # Every image gets its own prompts for every class: one batched text pass of B×C sequences.
+        per_prompt = ctx.unsqueeze(1).expand(n_img, n_cls, -1, -1).reshape(n_img * n_cls, *ctx.shape[1:])
+        prompts, eot = self.tokens.assemble(per_prompt, class_ids.repeat(n_img))
+        text = F.normalize(self.clip.encode_text_embeddings(prompts, eot), dim=-1).view(n_img, n_cls, -1)
+        return self.clip.logit_scale * torch.einsum("bd,bcd->bc", image_features, text)
+
+    def regularizers(self) -> dict[str, torch.Tensor]:
+        values = self.gate_values()
+        if values is None or self.cfg.gate.sparsity == 0:
+            return {}
+        return {"sparsity": self.cfg.gate.sparsity * values.reshape(-1, self.cfg.n_ctx).mean(0).sum()}

@@ -1,0 +1,85 @@
+"""MaPLe (Khattak et al., 2023): deep multi-modal prompts.
+
+Text prompts at depths 0..J-1 (the shallow context plus J-1 deep prompts that replace the prompt
+tokens at the input of layers 1..J-1); each is coupled to a vision prompt by one linear projection
+per depth (F: D_text → D_vision). Vision prompts are appended to the ViT sequence before ``ln_pre``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mlgate.methods import register
+from mlgate.methods.base import ClassTokens, MethodConfig, PromptMethod, init_context
+
+
+class MaPLeConfig(MethodConfig):
+    name: Literal["maple"] = "maple"
+    n_ctx: int = Field(2, ge=1, le=64, description="Prompt tokens per depth (reference: 2).")
+    ctx_init: str | None = Field("a photo", description="Init phrase of the shallow text context.")
+    depth: int | None = Field(
+        None, ge=1, description="Prompt depth J: layers 0..J-1 get prompts. Default: the reference's 9, "
+        "or every layer of a backbone with fewer.")
+
+    #: The reference depth, used when ``depth`` is not set.
+    default_depth: ClassVar[int] = 9
+
+
+def resolve_depth(clip, cfg: MaPLeConfig) -> int:
+    """``cfg.depth``, or the method's reference depth capped at the backbone's layer count."""
+    layers = min(len(clip.text.transformer.resblocks), len(clip.model.visual.transformer.resblocks))
+    if cfg.depth is None:
+        return min(cfg.default_depth, layers)
+    if cfg.depth > layers:
+        raise ValueError(f"method.depth {cfg.depth} exceeds the {layers} layers of backbone {clip.name!r}")
+    return cfg.depth
+
+
+@register("maple")
+class MaPLe(PromptMethod):
+    Config = MaPLeConfig
+    prompts_vision = True
+
+    def __init__(self, clip, classnames: list[str], cfg: MaPLeConfig) -> None:
+        super().__init__()
+        object.__setattr__(self, "clip", clip)
+        self.cfg = cfg
+        self.depth = resolve_depth(clip, cfg)
+        d_text, d_vision = clip.text_width, clip.vision_width
+        self.tokens = ClassTokens(clip, classnames, cfg.n_ctx)
+        self.ctx = nn.Parameter(init_context(clip, cfg.n_ctx, cfg.ctx_init))
+        device = self.ctx.device
+        self.proj = nn.Linear(d_text, d_vision).to(device)
+        self.deep_text = nn.Parameter(torch.randn(self.depth - 1, cfg.n_ctx, d_text, device=device) * 0.02)
+        self.deep_proj = nn.ModuleList(nn.Linear(d_text, d_vision) for _ in range(self.depth - 1)).to(device)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"prompt": [self.ctx, self.deep_text],
+                "coupling": [*self.proj.parameters(), *self.deep_proj.parameters()]}
+
+    def layer_prompts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Text and vision prompts per depth 0..J-1 (each (n_ctx, D))."""
+        text = [self.ctx, *self.deep_text]
+        vision = [self.proj(self.ctx), *(f(t) for f, t in zip(self.deep_proj, self.deep_text))]
+        return text, vision
+
+    def encode(self, images: torch.Tensor, class_ids: torch.Tensor, text: list[torch.Tensor | None],
+               vision: list[torch.Tensor | None]) -> torch.Tensor:
+        """Logits from per-depth prompts (None at a depth: carry the previous layer's tokens). The
+        shallow prompt may have fewer than n_ctx tokens (gated ones dropped): the EOT position follows."""
+        n0 = text[0].shape[0]
+        prompts, eot = self.tokens.assemble(text[0], class_ids)
+        eot = eot - (self.cfg.n_ctx - n0)
+        text_features = self.clip.encode_text_embeddings(prompts, eot, n0, [None, *text[1:]])
+        image_features = self.clip.encode_image_prompted(images, vision[0], [None, *vision[1:]])
+        text_features, image_features = F.normalize(text_features, dim=-1), F.normalize(image_features, dim=-1)
+        return self.clip.logit_scale * image_features @ text_features.t()
+
+    def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        text, vision = self.layer_prompts()
+        return self.encode(images, class_ids, text, vision)
