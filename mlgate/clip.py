@@ -155,6 +155,62 @@ class PromptedCLIP(nn.Module):
         pooled, _ = visual._pool(x)
         return pooled @ visual.proj if visual.proj is not None else pooled
 
+    # ---- ADAPT-style prompts: extra keys and values only -------------------------------------------
+
+    @staticmethod
+    def _kv_block(block: nn.Module, x: torch.Tensor, prompt: torch.Tensor | None,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        # Prompts join the keys and values of self-attention only: the query length, and everything
+        # after attention, stay as they are. open_clip's block.forward would drop k_x/v_x here.
+        q = block.ln_1(x)
+        kv = q if prompt is None else torch.cat([block.ln_1(_per_sample(prompt, x.shape[0]).to(x.dtype)), q], 1)
+        x = x + block.ls_1(block.attention(q_x=q, k_x=kv, v_x=kv, attn_mask=mask))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    @staticmethod
+    def _kv_mask(base: torch.Tensor | None, length: int, n_prompt: int, active: torch.Tensor | None,
+                 device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        # (L, P + L) additive mask: a masked prompt token is -inf for every query (no part in attention).
+        if n_prompt == 0:
+            return base
+        prompt_cols = torch.zeros(length, n_prompt, device=device, dtype=dtype)
+        if active is not None:
+            prompt_cols = prompt_cols.masked_fill(~active.bool().unsqueeze(0), float("-inf"))
+        rest = base if base is not None else torch.zeros(length, length, device=device, dtype=dtype)
+        return torch.cat([prompt_cols, rest.to(dtype)], dim=1)
+
+    def encode_text_kv(self, x: torch.Tensor, eot_index: torch.Tensor, prompts: Sequence[torch.Tensor | None],
+                       active: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Text features (N, E) with KV-only prompts: ``prompts[i]`` ((P, D) or None) at layer i,
+        ``active[i]`` a (P,) 0/1 mask of the tokens that take part (None: all)."""
+        cast = self.text.transformer.get_cast_dtype()
+        x = x.to(cast) + self.text.positional_embedding[: x.shape[1]].to(cast)
+        causal = self._causal_mask(x.shape[1], x.device, cast)
+        for i, block in enumerate(self.text.transformer.resblocks):
+            prompt = prompts[i] if i < len(prompts) else None
+            n = 0 if prompt is None else prompt.shape[-2]
+            mask = self._kv_mask(causal, x.shape[1], n, active[i] if active else None, x.device, cast)
+            x = self._kv_block(block, x, prompt, mask)
+        x = self.text.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        proj = self.text.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def encode_image_kv(self, images: torch.Tensor, prompts: Sequence[torch.Tensor | None],
+                        active: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Image features (N, E) with KV-only prompts per layer (see :meth:`encode_text_kv`)."""
+        visual = self.model.visual
+        x = visual._embeds(images.to(visual.conv1.weight.dtype))
+        for i, block in enumerate(visual.transformer.resblocks):
+            prompt = prompts[i] if i < len(prompts) else None
+            n = 0 if prompt is None else prompt.shape[-2]
+            mask = self._kv_mask(None, x.shape[1], n, active[i] if active else None, x.device, x.dtype)
+            x = self._kv_block(block, x, prompt, mask)
+        pooled, _ = visual._pool(x)
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Image features (N, E) from the frozen vision tower."""
         return self.model.encode_image(images)

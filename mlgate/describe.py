@@ -61,24 +61,39 @@ def describe(name: str, backbone: str = EMBEDDED_BACKBONE, overrides: list[str] 
         raise SpecError(f"method: {exc}.") from None
     groups = {g: sum(p.numel() for p in ps) for g, ps in method.param_groups().items()}
     method.eval().requires_grad_(False)  # counted above; inference needs no autograd
-    size = clip.image_norm.size
-    classes = torch.arange(n_classes)
-
-    def forward(n_images: int) -> int:
-        images = torch.randn(n_images, 3, size, size)
-        if method.prompts_vision:
-            return _flops(lambda: method(images, classes))
-        features = clip.encode_image(images)
-        return _flops(lambda: clip.encode_image(images)) + _flops(lambda: method(features, classes))
-
-    one, two = forward(1), forward(2)
-    return {
+    per_image, once = inference_gflops(method, clip, n_classes)
+    info = {
         "method": name,
         "backbone": backbone,
         "settings": cfg.model_dump(mode="json"),
         "trainable_params": sum(groups.values()),
         "params_by_group": groups,
         "classes": n_classes,
-        "gflops_per_image": (two - one) / 1e9,
-        "gflops_once": (2 * one - two) / 1e9,  # class prompts encoded once and reused for every image
+        "gflops_per_image": per_image,
+        "gflops_once": once,  # class prompts encoded once and reused for every image
     }
+    t_target = getattr(cfg, "t_target", None)
+    if t_target is not None:  # ADAPT: what pruning to t_target leaves (the split between branches varies)
+        widths = (clip.text_width, clip.vision_width)
+        info["prompt_tokens_unpruned"] = sum(groups.values()) // sum(widths) * 2
+        info["prompt_tokens_pruned"] = min(t_target, info["prompt_tokens_unpruned"])
+        info["pruned_params_range"] = [info["prompt_tokens_pruned"] * min(widths),
+                                       info["prompt_tokens_pruned"] * max(widths)]
+    return info
+
+
+def inference_gflops(method, clip, n_classes: int) -> tuple[float, float]:
+    """GFLOPs per image and GFLOPs paid once (static class prompts) of ``method`` in its current mode."""
+    size = clip.image_norm.size
+    device = next(iter(clip.model.parameters())).device
+    classes = torch.arange(n_classes, device=device)
+
+    def forward(n_images: int) -> int:
+        images = torch.randn(n_images, 3, size, size, device=device)
+        if method.prompts_vision:
+            return _flops(lambda: method(images, classes))
+        features = clip.encode_image(images)
+        return _flops(lambda: clip.encode_image(images)) + _flops(lambda: method(features, classes))
+
+    one, two = forward(1), forward(2)
+    return (two - one) / 1e9, (2 * one - two) / 1e9

@@ -43,18 +43,18 @@ class Diagnostics:
     """Records ``loss/*``, ``grad/*`` and ``gate/*`` metrics for one model.
 
     ``prompt_params`` and ``gate_params`` are the parameter groups. ``gate_values()`` returns the gate
-    activations, flat (G,) or per input (B, G); by default σ of the gate parameters. ``gate_metrics()``
-    adds model-specific gate metrics (per-depth ones, say). ``record`` is called after ``backward()``
+    activations, flat (G,) or per input (B, G); by default σ of the gate parameters. ``extra_metrics()``
+    adds model-specific metrics (per-depth gate values, ADAPT's mask lengths, say). ``record`` is called after ``backward()``
     and before the optimizer step.
     """
 
     def __init__(self, prompt_params: Sequence[nn.Parameter], gate_params: Sequence[nn.Parameter] = (),
                  gate_values: Callable[[], torch.Tensor | None] | None = None,
-                 gate_metrics: Callable[[], dict[str, torch.Tensor]] | None = None) -> None:
+                 extra_metrics: Callable[[], dict[str, torch.Tensor]] | None = None) -> None:
         self.prompt_params = list(prompt_params)
         self.gate_params = list(gate_params)
         self._gate_values = gate_values or (lambda: _flat([torch.sigmoid(p) for p in self.gate_params]))
-        self._gate_metrics = gate_metrics or dict
+        self._extra_metrics = extra_metrics or dict
         self.gate_init: torch.Tensor | None = None
         if self.gate_params:
             init = self._gate_values()
@@ -119,9 +119,9 @@ class Diagnostics:
                 act.sum(),
                 binary_entropy(act).mean(),
             ]
-            extra = self._gate_metrics()
-            keys += list(extra)  # method-specific ones override the generic (e.g. effective_length)
-            row += list(extra.values())
+        extra = self._extra_metrics()
+        keys += list(extra)  # method-specific ones override the generic (e.g. effective_length)
+        row += list(extra.values())
         device = row[-1].device
         self._steps.append(step)
         self._keys.append(tuple(keys))

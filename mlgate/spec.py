@@ -99,8 +99,16 @@ class GPSamplerSpec(StrictModel):
     n_startup_trials: int = Field(10, ge=0)
 
 
+class GridSamplerSpec(StrictModel):
+    """Every combination of the search values once: categorical choices, and ints stepped low..high."""
+
+    type: Literal["grid"]
+    seed: int | None = 0
+
+
 SamplerSpec = Annotated[
-    Union[TPESamplerSpec, RandomSamplerSpec, QMCSamplerSpec, GPSamplerSpec], Field(discriminator="type")
+    Union[TPESamplerSpec, RandomSamplerSpec, QMCSamplerSpec, GPSamplerSpec, GridSamplerSpec],
+    Field(discriminator="type"),
 ]
 
 
@@ -327,9 +335,33 @@ class StudySpec(StrictModel):
                 raise ValueError(f"search key {key!r} names a section; search a single setting inside it")
         return self
 
+    @model_validator(mode="after")
+    def _grid_is_finite(self) -> StudySpec:
+        if self.study.sampler.type == "grid":
+            for key, dist in self.search.items():
+                if isinstance(dist, FloatDistribution):
+                    raise ValueError(f"study.sampler grid: search {key!r} is a float range; "
+                                     "use categorical choices or an int range")
+        return self
+
+    def grid(self) -> dict[str, list[Any]]:
+        """The grid of a grid sampler: every value each searched setting takes."""
+        out: dict[str, list[Any]] = {}
+        for key, dist in self.search.items():
+            if isinstance(dist, CategoricalDistribution):
+                out[key] = list(dist.choices)
+            elif isinstance(dist, IntDistribution):
+                out[key] = list(range(dist.low, dist.high + 1, dist.step))
+        return out
+
     @property
     def name(self) -> str:
         return self.study.name or "study"
+
+    @property
+    def t_target(self) -> float | None:
+        """The pruning target of methods that prune (ADAPT), for the ``pruned`` verdict."""
+        return getattr(self.method, "t_target", None)
 
     @property
     def experiment_name(self) -> str:
@@ -444,7 +476,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "(top level)"
 
 
-_UNION_TAGS = {"float", "int", "categorical", "tpe", "random", "qmc", "gp", "none", "median", "percentile",
+_UNION_TAGS = {"float", "int", "categorical", "tpe", "random", "qmc", "gp", "grid", "none", "median", "percentile",
                "hyperband", "threshold", *(c.model_fields["name"].default for c in _method_classes)}
 
 

@@ -64,6 +64,8 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.type == "qmc":
         return optuna.samplers.QMCSampler(seed=s.seed)
+    if s.type == "grid":
+        return optuna.samplers.GridSampler(spec.grid(), seed=s.seed)
     return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
 
 
@@ -121,19 +123,19 @@ class Objective:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"{objective}={metrics[objective]:.4g} at step {step}")
             # Early warning (the paper's template): gates already collapsed → stop spending on them.
-            if collapse.enabled and step >= collapse.warmup_steps and run.history.verdict(self.thresholds) == COLLAPSED:
+            if collapse.enabled and step >= collapse.warmup_steps and run.history.verdict(self.thresholds, self.spec.t_target) == COLLAPSED:
                 run.set_tag("mlgate.pruned_by", "collapse")
                 raise optuna.TrialPruned(f"gates collapsed by step {step}")
 
         try:
             outcome = train(trial_spec, sink=run, on_eval=report)
         except optuna.TrialPruned:
-            run.end("PRUNED", run.history.verdict(self.thresholds))
-            trial.set_user_attr("verdict", run.history.verdict(self.thresholds))
-            self.echo(f"trial {trial.number}: PRUNED  ({run.history.verdict(self.thresholds)})")
+            run.end("PRUNED", run.history.verdict(self.thresholds, self.spec.t_target))
+            trial.set_user_attr("verdict", run.history.verdict(self.thresholds, self.spec.t_target))
+            self.echo(f"trial {trial.number}: PRUNED  ({run.history.verdict(self.thresholds, self.spec.t_target)})")
             raise
         except BaseException as exc:  # noqa: BLE001 - the run must be closed whatever happened
-            run.end("FAIL", run.history.verdict(self.thresholds), error=exc)
+            run.end("FAIL", run.history.verdict(self.thresholds, self.spec.t_target), error=exc)
             self.echo(f"trial {trial.number}: FAIL  {type(exc).__name__}: {exc}")
             raise
         run.end("COMPLETE", outcome.verdict)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlgate.clip import PromptedCLIP, load_backbone
+from mlgate.describe import inference_gflops
 from mlgate.data import FewShotData, Split, load_dataset
 from mlgate.errors import MlgateError
 from mlgate.diagnostics import Diagnostics, binary_entropy
@@ -242,7 +243,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
     check_optimizer_covers(method, optimizer)
     groups = method.param_groups()
     gates = groups.get("gate", [])
-    diagnostics = Diagnostics(groups.get("prompt", []), gates, method.gate_values, method.gate_metrics)
+    diagnostics = Diagnostics(groups.get("prompt", []), gates, method.gate_values, method.metrics)
 
     steps = total_steps(cfg, len(splits["train"]))
     steps_per_epoch = max(1, math.ceil(len(splits["train"]) / cfg.batch_size))
@@ -300,6 +301,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
             reg_grads = diagnostics.term_gate_grads(regularizers) if diagnose and regularizers else None
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            method.on_backward(step)
             if tricks.equilibrium.enabled:
                 equalize_gate_grads(gates, method.gate_activation, tricks.equilibrium.eps, tricks.equilibrium.cap)
             if diagnose:
@@ -311,9 +313,11 @@ def train(spec: StudySpec, sink: Sink | None = None,
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_([p for g in groups.values() for p in g], cfg.grad_clip)
             optimizer.step()
+            method.on_step(step, steps)
 
             if step % steps_per_epoch == 0 or step == steps:
                 record_gates(step)
+                method.on_epoch_end(step)
             if step % spec.logging.flush_every == 0:
                 flush()
             if step % cfg.eval_interval == 0 or step == steps:
@@ -323,16 +327,24 @@ def train(spec: StudySpec, sink: Sink | None = None,
                 sink.log_metrics([(step, metrics)])
                 if on_eval is not None:
                     on_eval(step, metrics)
+        # The final model: compacted where the method prunes, and what one image costs at inference.
+        finished = method.finalize()
+        method.eval()
+        finished["flops/gflops_per_image"] = inference_gflops(method, clip, len(data.classnames))[0]
+        history.add([(steps, finished)])
+        sink.log_metrics([(steps, finished)])
     finally:
         # Whatever stopped the loop (the end, pruning, an error), what was measured is kept.
         flush()
-        _log_gate_artifacts(sink, gate_steps, gate_values)
+        _log_artifacts(sink, method, gate_steps, gate_values)
     return TrialOutcome(final=history.final, history=history.series,
-                        verdict=history.verdict(Thresholds(**spec.logging.verdict.model_dump())))
+                        verdict=history.verdict(Thresholds(**spec.logging.verdict.model_dump()), spec.t_target))
 
 
-def _log_gate_artifacts(sink: Sink, gate_steps: list[int], gate_values: list[np.ndarray]) -> None:
-    if gate_values:
-        with tempfile.TemporaryDirectory() as tmp:
+def _log_artifacts(sink: Sink, method: PromptMethod, gate_steps: list[int], gate_values: list[np.ndarray]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        if gate_values:
             _save_gate_artifacts(Path(tmp) / "gates", gate_steps, gate_values)
+        method.save_artifacts(Path(tmp))
+        if any(Path(tmp).iterdir()):
             sink.log_artifacts(Path(tmp))

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Small but real: the embedded backbone, the bundled dataset, a handful of steps.
 TINY = {
     "study": {"n_trials": 2, "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "none"}},
-    "method": {"name": "coop", "n_ctx": 4},
+    "method": {"name": "coop"},
     "data": {"shots": 4},
     "train": {"steps": 6, "batch_size": 8, "eval_interval": 3, "optimizer": {"lr": 0.01}},
     "logging": {"flush_every": 2},

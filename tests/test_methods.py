@@ -124,6 +124,7 @@ VARIANTS = [
     ("adaptive_bimaple", {"gate_strategy": "fixed"}), ("adaptive_bimaple", {"gate_strategy": "random"}),
     ("adaptive_bimaple", {"control": "param_matched"}), ("adaptive_bimaple", {"control": "always_frozen"}),
     ("adaptive_bimaple", {"control": "explicit_reg"}),
+    ("adapt", {}), ("adapt", {"distill_weight": 0.5, "score": "l2"}),
 ]
 
 

@@ -49,7 +49,7 @@ def build_method(config: MethodConfig, clip: Any, classnames: list[str]) -> Prom
 
 
 # Importing the modules registers them.
-from mlgate.methods import adaptive_bimaple, bimaple, cocoop, coop, maple  # noqa: E402,F401
+from mlgate.methods import adapt, adaptive_bimaple, bimaple, cocoop, coop, maple  # noqa: E402,F401
 
 __all__ = [
     "GateConfig",

@@ -101,7 +101,7 @@ class AdaptiveBiMaPLe(BiMaPLe):
         parts = [p.reshape(-1) for p in (self._length_probs(), self._depth_probs()) if p is not None]
         return torch.cat(parts) if parts else None
 
-    def gate_metrics(self) -> dict[str, torch.Tensor]:
+    def metrics(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         length = self._length_probs()
         if length is not None:

@@ -8,6 +8,7 @@ groups so the optimizer, the diagnostics and ``mlgate describe`` all see the sam
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
@@ -96,8 +97,26 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
             return None
         return torch.cat([self.gate_activation(p).reshape(-1) for p in gates])
 
-    def gate_metrics(self) -> dict[str, torch.Tensor]:
-        """Method-specific gate metrics (device scalars), e.g. per-depth ``gate/depth_prob/d3``."""
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Method-specific metrics for the diagnostics row (device scalars), e.g. ``gate/depth_prob/d3``."""
+        return {}
+
+    # ---- training-loop hooks (no-ops unless a method needs them, like ADAPT's pruning) ---------------
+
+    def on_backward(self, step: int) -> None:
+        """After ``backward()`` of ``step`` (1-based), before the optimizer step: gradients are there."""
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """After the optimizer step of ``step``."""
+
+    def on_epoch_end(self, step: int) -> None:
+        """At each epoch boundary (and the last step)."""
+
+    def save_artifacts(self, folder: Path) -> None:
+        """Write method artifacts (masks, schedules) into ``folder``; they land in the trial run."""
+
+    def finalize(self) -> dict[str, float]:
+        """After training: make the model final (e.g. compact pruned prompts); final metrics to log."""
         return {}
 
 

@@ -1,0 +1,225 @@
+"""ADAPT (Huang et al.): saliency-pruned deep prompts with heterogeneous context lengths.
+
+Prompts P_text (ℓ_g × ξ_g × d_t) and P_vision (ℓ_f × ξ_f × d_v) join the keys and values of
+self-attention at every layer (Eq. 7-8), under binary masks that start all ones. While the total
+active length exceeds ``t_target``, saliency scores (Eq. 6: Snip |∂L/∂P ⊙ P|, gradient norm, or l2 norm,
+per token) are accumulated; at every ``n_k``-th step after the warmup the ``r_p`` lowest-scoring active
+tokens across both branches are pruned (never below ``t_target``) and the scores reset (Algorithm 1).
+Masked tokens take no part in attention. After training the prompts are compacted to the active tokens.
+Optional angular knowledge distillation (the TMLR revision): 1 − cos to the frozen model's embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mlgate.methods import register
+from mlgate.methods.base import MethodConfig, PromptMethod
+
+
+class AdaptConfig(MethodConfig):
+    name: Literal["adapt"] = "adapt"
+    depth: int | None = Field(None, ge=1, description="Prompt depth per branch (paper: 12; default: every layer).")
+    max_len: int = Field(16, ge=1, le=256, description="Maximum context length ξ per layer (paper: 16).")
+    t_target: int = Field(32, ge=0, description="Total active context length (text + vision) to prune down to.")
+    score: Literal["snip", "grad_norm", "l2"] = Field("snip", description="Saliency criterion (Eq. 6).")
+    n_k: int | None = Field(None, ge=1, description="Accumulation period in steps (paper: 80). Default: derived "
+                            "from train.steps so pruning finishes within the step budget.")
+    r_p: int = Field(4, ge=1, description="Tokens pruned per pruning step (paper: 4).")
+    warmup_steps: int = Field(0, ge=0, description="Steps before the first pruning.")
+    template: str = Field("a photo of a {}.", description="Text the prompts condition (the query tokens).")
+    distill_weight: float = Field(0.0, ge=0.0, description="Angular knowledge distillation weight (0: off).")
+
+
+class PruningSchedule:
+    """When to prune how many tokens: ``r_p`` every ``n_k`` steps after the warmup, derived from the
+    step budget unless ``n_k`` is given, so that the target is reached by 80% of the remaining steps."""
+
+    def __init__(self, total_tokens: int, cfg: AdaptConfig, total_steps: int) -> None:
+        excess = max(0, total_tokens - cfg.t_target)
+        self.warmup, self.r_p = cfg.warmup_steps, cfg.r_p
+        if cfg.n_k is not None:
+            self.n_k = cfg.n_k
+        else:
+            window = max(1, int(0.8 * (total_steps - cfg.warmup_steps)))
+            events = max(1, math.ceil(excess / cfg.r_p))
+            if events > window:  # too few steps for r_p: prune more per event instead
+                self.r_p, events = math.ceil(excess / window), window
+            self.n_k = max(1, window // events)
+
+    def is_prune_step(self, step: int) -> bool:
+        return step > self.warmup and (step - self.warmup) % self.n_k == 0
+
+
+@register("adapt")
+class Adapt(PromptMethod):
+    Config = AdaptConfig
+    prompts_vision = True
+
+    def __init__(self, clip, classnames: list[str], cfg: AdaptConfig) -> None:
+        super().__init__()
+        object.__setattr__(self, "clip", clip)
+        self.cfg = cfg
+        layers = min(len(clip.text.transformer.resblocks), len(clip.model.visual.transformer.resblocks))
+        if cfg.depth is not None and cfg.depth > layers:
+            raise ValueError(f"method.depth {cfg.depth} exceeds the {layers} layers of backbone {clip.name!r}")
+        self.depth = cfg.depth or layers
+        device = clip.text.token_embedding.weight.device
+        tokens = clip.tokenize([cfg.template.format(name) for name in classnames])
+        eot = clip.eot_index(tokens)
+        tokens = tokens[:, : int(eot.max()) + 1]
+        with torch.no_grad():
+            self.register_buffer("text_embeds", clip.embed_tokens(tokens).clone(), persistent=False)
+        self.register_buffer("eot", eot, persistent=False)
+        shape = (self.depth, cfg.max_len)
+        self.text_prompts = nn.Parameter(torch.randn(*shape, clip.text_width, device=device) * 0.02)
+        self.vision_prompts = nn.Parameter(torch.randn(*shape, clip.vision_width, device=device) * 0.02)
+        self.register_buffer("text_mask", torch.ones(shape, device=device))
+        self.register_buffer("vision_mask", torch.ones(shape, device=device))
+        self.register_buffer("text_scores", torch.zeros(shape, device=device))
+        self.register_buffer("vision_scores", torch.zeros(shape, device=device))
+        self.schedule: PruningSchedule | None = None
+        self.pruned: list[dict] = []  # the pruning log: which token, when, its score
+        self.snapshots: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self.compact: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._distill: torch.Tensor | None = None  # this step's distillation term
+
+    # ---- parameters and metrics ----------------------------------------------------------------------
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"prompt": [self.text_prompts, self.vision_prompts]}
+
+    def active_tokens(self) -> int:
+        return int(self.text_mask.sum() + self.vision_mask.sum())
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        text, vision = self.text_mask.sum(1), self.vision_mask.sum(1)
+        out = {"mask/active_tokens": text.sum() + vision.sum(), "mask/active_tokens/text": text.sum(),
+               "mask/active_tokens/vision": vision.sum()}
+        for k in range(self.depth):
+            out[f"mask/active_tokens/d{k}"] = text[k] + vision[k]
+            out[f"mask/active_tokens/text/d{k}"] = text[k]
+            out[f"mask/active_tokens/vision/d{k}"] = vision[k]
+        return out
+
+    # ---- forward -------------------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        if self.compact is not None:
+            text_prompts, vision_prompts = self.compact
+            text_active = vision_active = None
+        else:
+            text_prompts, vision_prompts = list(self.text_prompts), list(self.vision_prompts)
+            text_active, vision_active = list(self.text_mask), list(self.vision_mask)
+        text = self.clip.encode_text_kv(self.text_embeds[class_ids], self.eot[class_ids], text_prompts, text_active)
+        image = self.clip.encode_image_kv(images, vision_prompts, vision_active)
+        text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
+        if self.training and self.cfg.distill_weight > 0:
+            self._distill = self._angular_distillation(images, class_ids, text, image)
+        return self.clip.logit_scale * image @ text.t()
+
+    def _angular_distillation(self, images, class_ids, text, image) -> torch.Tensor:
+        # 1 − cos between the prompted and the frozen model's embeddings (PromptSRC-style self-regulation).
+        with torch.no_grad():
+            frozen_text = F.normalize(self.clip.encode_text_kv(self.text_embeds[class_ids], self.eot[class_ids], []), dim=-1)
+            frozen_image = F.normalize(self.clip.encode_image(images), dim=-1)
+        return (1 - (text * frozen_text).sum(-1)).mean() + (1 - (image * frozen_image).sum(-1)).mean()
+
+    def regularizers(self) -> dict[str, torch.Tensor]:
+        if self.training and self.cfg.distill_weight > 0 and self._distill is not None:
+            return {"distill": self.cfg.distill_weight * self._distill}
+        return {}
+
+    # ---- pruning (Algorithm 1) -------------------------------------------------------------------------
+
+    def token_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's saliency per token (ℓ × ξ) for the text and the vision branch (Eq. 6)."""
+        def score(p: nn.Parameter) -> torch.Tensor:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if self.cfg.score == "snip":
+                return (g * p).abs().sum(-1)
+            if self.cfg.score == "grad_norm":
+                return g.norm(dim=-1)
+            return p.detach().norm(dim=-1)
+
+        return score(self.text_prompts).detach(), score(self.vision_prompts).detach()
+
+    def on_backward(self, step: int) -> None:
+        if self.active_tokens() > self.cfg.t_target:
+            text, vision = self.token_scores()
+            self.text_scores += text
+            self.vision_scores += vision
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        if self.schedule is None:
+            self.schedule = PruningSchedule(self.text_mask.numel() * 2, self.cfg, total_steps)
+        if not self.schedule.is_prune_step(step):
+            return
+        excess = self.active_tokens() - self.cfg.t_target
+        if excess > 0:
+            self.prune(min(self.schedule.r_p, excess), step)
+        self.text_scores.zero_()
+        self.vision_scores.zero_()
+
+    @torch.no_grad()
+    def prune(self, n: int, step: int) -> None:
+        """Mask the ``n`` active tokens with the lowest accumulated score across both branches."""
+        scores = torch.cat([self.text_scores.flatten(), self.vision_scores.flatten()])
+        active = torch.cat([self.text_mask.flatten(), self.vision_mask.flatten()]).bool()
+        scores = scores.masked_fill(~active, float("inf"))  # never prune a token twice
+        order = torch.argsort(scores)[:n]
+        half = self.text_mask.numel()
+        for flat in order.tolist():
+            branch, idx = ("text", flat) if flat < half else ("vision", flat - half)
+            depth, slot = divmod(idx, self.cfg.max_len)
+            getattr(self, f"{branch}_mask")[depth, slot] = 0.0
+            self.pruned.append({"step": step, "branch": branch, "depth": depth, "slot": slot,
+                                "score": float(scores[flat])})
+
+    # ---- artifacts and the final compact model --------------------------------------------------------
+
+    def on_epoch_end(self, step: int) -> None:
+        self.snapshots.append((step, self.text_mask.cpu().numpy().copy(), self.vision_mask.cpu().numpy().copy()))
+
+    def save_artifacts(self, folder: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        masks = folder / "masks"
+        masks.mkdir(parents=True, exist_ok=True)
+        for step, text, vision in self.snapshots:
+            np.save(masks / f"step_{step:06d}_text.npy", text)
+            np.save(masks / f"step_{step:06d}_vision.npy", vision)
+            fig, axes = plt.subplots(1, 2, figsize=(8, 0.4 * self.depth + 1.2))
+            for ax, mask, branch in zip(axes, (text, vision), ("text", "vision")):
+                ax.imshow(mask, cmap="Greys", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+                ax.set(title=f"{branch}: {int(mask.sum())} active", xlabel="token slot", ylabel="depth")
+            fig.suptitle(f"ADAPT masks at step {step}")
+            fig.tight_layout()
+            fig.savefig(masks / f"step_{step:06d}.png", dpi=80)
+            plt.close(fig)
+        schedule = {"n_k": self.schedule.n_k if self.schedule else None,
+                    "r_p": self.schedule.r_p if self.schedule else None,
+                    "warmup_steps": self.cfg.warmup_steps, "t_target": self.cfg.t_target, "pruned": self.pruned}
+        (folder / "adapt").mkdir(exist_ok=True)
+        (folder / "adapt" / "pruning_schedule.json").write_text(json.dumps(schedule, indent=1))
+
+    @torch.no_grad()
+    def finalize(self) -> dict[str, float]:
+        """Compact the prompts to their active tokens: inference compute and parameter count follow."""
+        text = [p[m.bool()].clone() for p, m in zip(self.text_prompts, self.text_mask)]
+        vision = [p[m.bool()].clone() for p, m in zip(self.vision_prompts, self.vision_mask)]
+        self.compact = (text, vision)
+        params = sum(t.numel() for t in text) + sum(v.numel() for v in vision)
+        return {"params/trainable": float(params), "mask/active_tokens": float(self.active_tokens())}

@@ -1,0 +1,167 @@
+"""ADAPT: KV-only prompts, masks, saliency pruning to exactly T_target, compaction, and a real run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlgate.cli import main
+from mlgate.clip import load_backbone
+from mlgate.methods import build_method
+from mlgate.methods.adapt import AdaptConfig, PruningSchedule
+from mlgate.spec import StudySpec
+from mlgate.training import train
+from tests.conftest import TINY, deep_update
+from tests.test_study import runs_of
+
+CLASSES = ["zero", "one", "two", "three"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return load_backbone("mlgate-tiny", None)
+
+
+def _images(clip, n=2):
+    return torch.randn(n, 3, clip.image_norm.size, clip.image_norm.size, generator=torch.Generator().manual_seed(1))
+
+
+def test_masked_kv_prompts_equal_attention_without_those_tokens(clip):
+    layers = len(clip.model.visual.transformer.resblocks)
+    prompts = [torch.randn(5, clip.vision_width) for _ in range(layers)]
+    active = [torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]) for _ in range(layers)]
+    images = _images(clip)
+    masked = clip.encode_image_kv(images, prompts, active)
+    without = clip.encode_image_kv(images, [p[a.bool()] for p, a in zip(prompts, active)])
+    torch.testing.assert_close(masked, without, atol=1e-5, rtol=1e-5)
+    zeroed = clip.encode_image_kv(images, [p * a[:, None] for p, a in zip(prompts, active)])
+    assert not torch.allclose(masked, zeroed, atol=1e-4)  # masked is not the same as zeroed
+    # Text: the causal part stays; the query length (and so the EOT position) does not change.
+    tokens = clip.tokenize(["a photo of a cat.", "a dog."])
+    eot = clip.eot_index(tokens)
+    x = clip.embed_tokens(tokens[:, : int(eot.max()) + 1])
+    text_prompts = [torch.randn(5, clip.text_width) for _ in range(layers)]
+    torch.testing.assert_close(clip.encode_text_kv(x, eot, text_prompts, active),
+                               clip.encode_text_kv(x, eot, [p[a.bool()] for p, a in zip(text_prompts, active)]),
+                               atol=1e-5, rtol=1e-5)
+    assert clip.encode_text_kv(x, eot, []).shape == (2, clip.model.text_projection.shape[1])
+
+
+def test_snip_grad_norm_and_l2_scores_by_hand(clip):
+    method = build_method(AdaptConfig(depth=1, max_len=2), clip, CLASSES)
+    with torch.no_grad():
+        method.text_prompts.zero_()
+        method.text_prompts[0, 0, :3] = torch.tensor([1.0, -2.0, 3.0])
+        method.vision_prompts.zero_()
+    method.text_prompts.grad = torch.zeros_like(method.text_prompts)
+    method.text_prompts.grad[0, 0, :3] = torch.tensor([0.5, 0.5, -1.0])
+    method.vision_prompts.grad = torch.zeros_like(method.vision_prompts)
+    text, vision = method.token_scores()
+    assert text[0, 0].item() == pytest.approx(0.5 + 1.0 + 3.0)  # Σ|g ⊙ p|
+    assert text[0, 1].item() == 0.0 and vision.abs().sum() == 0
+    method.cfg = method.cfg.model_copy(update={"score": "grad_norm"})
+    assert method.token_scores()[0][0, 0].item() == pytest.approx((0.25 + 0.25 + 1.0) ** 0.5)
+    method.cfg = method.cfg.model_copy(update={"score": "l2"})
+    assert method.token_scores()[0][0, 0].item() == pytest.approx(14 ** 0.5)
+
+
+def test_pruning_reaches_exactly_the_target_and_never_twice(clip):
+    method = build_method(AdaptConfig(max_len=8, t_target=29, r_p=4, n_k=2, warmup_steps=1), clip, CLASSES)
+    total = method.active_tokens()
+    assert total == 2 * method.depth * 8
+    for step in range(1, 200):
+        method.text_scores.uniform_()
+        method.vision_scores.uniform_()
+        method.on_step(step, 200)
+    assert method.active_tokens() == 29  # exactly, although 29 is not total - k·r_p
+    positions = [(p["branch"], p["depth"], p["slot"]) for p in method.pruned]
+    assert len(positions) == len(set(positions)) == total - 29
+    assert all(p["step"] > 1 for p in method.pruned)  # nothing during the warmup
+    assert {p["step"] % 2 for p in method.pruned} == {(1 + 2) % 2}  # every n_k-th step after it
+
+
+def test_lowest_scores_go_first(clip):
+    method = build_method(AdaptConfig(depth=1, max_len=4, t_target=0, r_p=2, n_k=1), clip, CLASSES)
+    method.text_scores.copy_(torch.tensor([[5.0, 1.0, 7.0, 8.0]]))
+    method.vision_scores.copy_(torch.tensor([[0.5, 9.0, 9.0, 9.0]]))
+    method.on_step(1, 10)
+    assert method.text_mask.tolist() == [[1.0, 0.0, 1.0, 1.0]]
+    assert method.vision_mask.tolist() == [[0.0, 1.0, 1.0, 1.0]]
+
+
+def test_derived_schedule_finishes_within_the_budget():
+    for steps, warmup, target in [(40, 5, 32), (20, 0, 0), (400, 50, 128)]:
+        cfg = AdaptConfig(t_target=target, warmup_steps=warmup)
+        schedule = PruningSchedule(96, cfg, steps)
+        events = [s for s in range(1, steps + 1) if schedule.is_prune_step(s)]
+        assert len(events) * schedule.r_p >= 96 - target
+        assert events[-1] <= steps
+
+
+def test_compacted_model_gives_the_masked_logits(clip):
+    method = build_method(AdaptConfig(max_len=6, t_target=10, r_p=3, n_k=1), clip, CLASSES)
+    for step in range(1, 20):
+        method.text_scores.uniform_()
+        method.vision_scores.uniform_()
+        method.on_step(step, 20)
+    method.eval()
+    images, classes = _images(clip, 3), torch.arange(4)
+    with torch.no_grad():
+        masked = method(images, classes)
+        final = method.finalize()
+        compact = method(images, classes)
+    torch.testing.assert_close(compact, masked, atol=1e-5, rtol=1e-5)
+    assert final["params/trainable"] == sum(p.numel() for group in method.compact for p in group)
+    assert final["mask/active_tokens"] == 10
+
+
+def test_distillation_is_in_the_loss(clip):
+    method = build_method(AdaptConfig(distill_weight=1.0), clip, CLASSES)
+    method.train()
+    method(_images(clip), torch.arange(4))
+    distill = method.regularizers()["distill"]
+    assert distill.item() > 0 and distill.requires_grad
+
+
+def test_short_real_run_prunes_to_heterogeneous_lengths():
+    spec = StudySpec.model_validate(deep_update(TINY, {
+        "method": {"name": "adapt", "t_target": 30, "warmup_steps": 2, "max_len": 8},
+        "train": {"steps": 12, "eval_interval": 6}, "search": {}}))
+    outcome = train(spec)
+    assert outcome.verdict == "pruned"
+    assert outcome.history["mask/active_tokens"][0] == 48 and outcome.final["mask/active_tokens"] == 30
+    per_depth = [outcome.final[f"mask/active_tokens/d{k}"] for k in range(3)]
+    branches = [outcome.final[f"mask/active_tokens/{b}/d{k}"] for b in ("text", "vision") for k in range(3)]
+    assert sum(per_depth) == 30 and len(set(branches)) > 1  # heterogeneous context lengths
+    assert outcome.final["params/trainable"] < outcome.history["params/trainable"][0]
+
+
+def test_adapt_study_lands_masks_and_the_pruned_verdict(workdir, write_spec, capsys):
+    write_spec("adapt_tiny", experiment="adapt", study={"n_trials": 1},
+               method={"name": "adapt", "t_target": 40, "max_len": 8, "warmup_steps": 1}, search={})
+    assert main(["run", "adapt_tiny"]) == 0
+    client, _, [trial] = runs_of("adapt")
+    assert trial.data.tags["mlgate.verdict"] == "pruned" and trial.data.params["method.t_target"] == "40"
+    masks = {a.path for a in client.list_artifacts(trial.info.run_id, "masks")}
+    assert {"masks/step_000006_text.npy", "masks/step_000006_vision.npy", "masks/step_000006.png"} <= masks
+    schedule = json.load(open(client.download_artifacts(trial.info.run_id, "adapt/pruning_schedule.json")))
+    assert len(schedule["pruned"]) == 48 - 40 and {"step", "branch", "depth", "slot", "score"} <= set(schedule["pruned"][0])
+    assert "flops/gflops_per_image" in trial.data.metrics
+    from mlgate.compare import main as compare
+
+    capsys.readouterr()
+    assert compare(["--experiment", "adapt", "--format", "json", "--no-log"]) == 0
+    [run] = json.loads(capsys.readouterr().out)["runs"]
+    assert run["verdict"] == "pruned" and run["active_tokens"] == 40
+
+
+def test_describe_adapt_reports_unpruned_and_pruned_sizes(capsys):
+    assert main(["describe", "adapt", "--set", "method.t_target=32", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["prompt_tokens_unpruned"] == 2 * 3 * 16 and info["prompt_tokens_pruned"] == 32
+    assert info["trainable_params"] == 3 * 16 * (128 + 128)
+    assert info["pruned_params_range"] == [32 * 128, 32 * 128]
