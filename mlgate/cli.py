@@ -9,6 +9,7 @@ import argparse
 import json
 import shlex
 import sys
+import threading
 from typing import Callable, Sequence
 
 from mlgate.errors import MlgateError, StudyFailed
@@ -36,16 +37,27 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return sets
 
 
+def _echo(prefix: str = "") -> Callable[[str], None]:
+    return lambda line: print(prefix + line, file=sys.stderr, flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from mlgate.spec import load_spec
     from mlgate.study import run_study
+    from mlgate.workers import default_workers, run_workers
 
     spec = load_spec(args.study, _overrides(args))
-    if args.workers != 1:
-        raise MlgateError("--workers: this build runs one worker per command; start the same command in "
-                          "several terminals on a shared --storage to run workers in parallel.")
-    summary = run_study(spec, tracking_uri=args.tracking_uri, storage=args.storage,
-                        echo=lambda line: print(line, file=sys.stderr, flush=True))
+    workers = default_workers() if args.workers is None else args.workers
+    if workers < 1:
+        raise MlgateError(f"--workers: takes a whole number >= 1, not {workers}.")
+    if workers > 1:
+        summary = run_workers(spec, args, workers, _echo())
+    else:
+        prefix = f"[worker {args.worker}] " if args.worker else ""
+        summary = run_study(spec, tracking_uri=args.tracking_uri, storage=args.storage, echo=_echo(prefix),
+                            close=not args.worker)
+        if args.worker:
+            return 0
     best = summary.get("best")
     counts = ", ".join(f"{v} {k.lower()}" for k, v in summary["counts"].items())
     print(f"study {spec.name}: done ({counts})" + (
@@ -108,6 +120,40 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mlgate.clip import load_backbone
+    from mlgate.data import load_dataset
+    from mlgate.training import resolve_device
+    from mlgate.zeroshot import evaluate_zero_shot
+
+    clip = load_backbone(args.backbone, args.pretrained, resolve_device("auto"))
+    data = load_dataset(args.data, args.shots, args.seed, clip.image_norm, root=args.root)
+    result = evaluate_zero_shot(clip, data)
+    if args.json:
+        print(json.dumps({"backbone": args.backbone, "data": args.data, **result}))
+    else:
+        novel = "—" if result["acc_novel"] is None else f"{result['acc_novel']:.2f}"
+        print(f"zero-shot {args.backbone} on {args.data}: base {result['acc_base']:.2f}%  novel {novel}%  "
+              f"HM {result['acc_hm']:.2f}%")
+    return 0
+
+
+def cmd_data_summary(args: argparse.Namespace) -> int:
+    from mlgate.clip import ImageNorm
+    from mlgate.data import load_dataset
+
+    data = load_dataset(args.data, args.shots, args.seed, ImageNorm(32, (0.5,) * 3, (0.5,) * 3), root=args.root)
+    summary = data.summary()
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{summary['dataset']}: {summary['n_classes']} classes, {args.shots} shots, seed {args.seed}")
+    print(f"  base ({len(summary['base_classes'])}): {', '.join(summary['base_classes'])}")
+    print(f"  novel ({len(summary['novel_classes'])}): {', '.join(summary['novel_classes'])}")
+    print("  images: " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlgate", description=__doc__.splitlines()[0])
     from mlgate import __version__
@@ -122,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overrides", help=argparse.SUPPRESS)  # MLproject: "KEY=VALUE KEY=VALUE"
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     run.add_argument("--storage", help="Optuna storage URL (default: a journal file beside the MLflow db)")
-    run.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    run.add_argument("--workers", type=int, help="worker processes on this machine (default: one per visible "
+                     "GPU, or 1); other machines join with the same command on a shared --storage")
+    run.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # set by --workers for its children
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="check spec files without running anything")
@@ -138,13 +186,43 @@ def build_parser() -> argparse.ArgumentParser:
     desc.add_argument("--json", action="store_true", help="one JSON object on stdout")
     desc.set_defaults(func=cmd_describe)
 
+    ev = sub.add_parser("eval", help="zero-shot accuracy of a backbone on a dataset (base, novel, HM)")
+    ev.add_argument("--backbone", default="mlgate-tiny", help="open_clip model name")
+    ev.add_argument("--pretrained", default="mlgate", help="pretrained tag or checkpoint path ('mlgate' for the "
+                    "embedded weights)")
+    ev.add_argument("--data", default="shapes", help="dataset name")
+    ev.add_argument("--root", help="folder holding the dataset's own folder")
+    ev.add_argument("--shots", type=int, default=16)
+    ev.add_argument("--seed", type=int, default=1)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    summ = data_sub.add_parser("summary", help="what the few-shot protocol will use")
+    summ.add_argument("--data", default="shapes")
+    summ.add_argument("--root")
+    summ.add_argument("--shots", type=int, default=16)
+    summ.add_argument("--seed", type=int, default=1)
+    summ.add_argument("--json", action="store_true")
+    summ.set_defaults(func=cmd_data_summary)
+
     sub.add_parser("list", help="the studies in studies/").set_defaults(func=cmd_list)
     sub.add_parser("schema", help="JSON Schema of a study spec").set_defaults(func=cmd_schema)
     return parser
 
 
+def _terminate(signum, frame) -> None:
+    # SIGTERM ends a run like Ctrl-C does: the running trial is closed (KILLED) and the study resumable.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mlgate`` console script."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

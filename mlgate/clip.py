@@ -21,7 +21,9 @@ from torch import nn
 from mlgate.errors import MlgateError
 
 EMBEDDED_BACKBONE = "mlgate-tiny"
+EMBEDDED_WEIGHTS = "mlgate"  # the pretrained tag of the weights shipped in mlgate/weights/
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
+_WEIGHTS_DIR = Path(__file__).parent / "weights"
 open_clip.add_model_config(_CONFIG_DIR)
 
 
@@ -238,6 +240,37 @@ def _quiet_random_init():
         root.removeFilter(drop)
 
 
+def embedded_weights_info() -> dict:
+    """Checksum, training settings and zero-shot figures recorded with the shipped weights."""
+    import json
+
+    return json.loads((_WEIGHTS_DIR / f"{EMBEDDED_BACKBONE}.json").read_text())
+
+
+def _load_embedded(name: str, device: torch.device | str) -> PromptedCLIP:
+    # The shipped, pretrained mlgate-tiny (see mlgate.pretrain): checked against its recorded sha256.
+    import hashlib
+
+    from mlgate.pretrain import load_compact
+
+    if name != EMBEDDED_BACKBONE:
+        raise MlgateError(f"backbone.pretrained: {EMBEDDED_WEIGHTS!r} weights exist for {EMBEDDED_BACKBONE!r} "
+                          f"only, not {name!r}; give an open_clip tag or a checkpoint path for {name!r}.")
+    path = _WEIGHTS_DIR / f"{EMBEDDED_BACKBONE}.pt"
+    if not path.is_file():
+        raise MlgateError(f"backbone: the embedded weights {path} are missing from this install; reinstall "
+                          "mlgate or rebuild them with `python -m mlgate.pretrain`.")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    expected = embedded_weights_info()["sha256"]
+    if digest != expected:
+        raise MlgateError(f"backbone: {path} does not match its checksum (sha256 {digest[:12]}…, expected "
+                          f"{expected[:12]}…); reinstall mlgate or rebuild with `python -m mlgate.pretrain`.")
+    with _quiet_random_init():  # random init is immediately overwritten by the shipped weights
+        model = open_clip.create_model(EMBEDDED_BACKBONE, pretrained=None)
+    load_compact(model, path)
+    return PromptedCLIP(model.to(device), open_clip.get_tokenizer(EMBEDDED_BACKBONE), EMBEDDED_BACKBONE)
+
+
 def _per_sample(prompt: torch.Tensor, n: int) -> torch.Tensor:
     # (k, D) shared prompt → (n, k, D); (n, k, D) stays.
     return prompt.unsqueeze(0).expand(n, -1, -1) if prompt.dim() == 2 else prompt
@@ -249,6 +282,8 @@ def load_backbone(name: str, pretrained: str | None, device: torch.device | str 
     ``pretrained`` is an open_clip pretrained tag (``openai``), a local checkpoint path, or None for
     random init. Loading problems become :class:`MlgateError` naming the weights.
     """
+    if pretrained == EMBEDDED_WEIGHTS:
+        return _load_embedded(name, device)
     if name not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if name.lower().split("-")[0] in m.lower()][:8]
         hint = f" Close matches: {', '.join(close)}." if close else ""

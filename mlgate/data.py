@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from mlgate.clip import ImageNorm
 from mlgate.errors import MlgateError
 
-BUNDLED_DATASET = "digits"
+BUNDLED_DATASET = "shapes"
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -97,8 +97,42 @@ def _to_model_images(gray: np.ndarray, norm: ImageNorm) -> torch.Tensor:
     return (x - mean) / std
 
 
+def _few_shot_data(name: str, classnames: list[str], images: torch.Tensor, labels: np.ndarray,
+                   pool_idx: np.ndarray, test_idx: np.ndarray, shots: int, seed: int, subsample: str) -> FewShotData:
+    # K shots (and min(K, 4) validation shots) per class from the pool; base/novel split of the labels.
+    train_rel, val_rel = few_shot_indices(labels[pool_idx], shots, seed)
+    train = _subset(images, labels, pool_idx[train_rel])
+    val = _subset(images, labels, pool_idx[val_rel])
+    test = _subset(images, labels, test_idx)
+    base, novel = (list(range(len(classnames))), []) if subsample == "all" else split_base_novel(len(classnames))
+    return FewShotData(
+        name=name, classnames=list(classnames), base=base, novel=novel,
+        train=_by_classes(train, base), val=_by_classes(val, base), test_base=_by_classes(test, base),
+        test_novel=_by_classes(test, novel) if novel else Split(test.images[:0], test.labels[:0]),
+    )
+
+
+def load_shapes_dataset(shots: int, seed: int, norm: ImageNorm, subsample: str = "base") -> FewShotData:
+    """The bundled task: 20 colour–shape classes (``mlgate.shapes``). The 10 base classes are
+    combinations the embedded CLIP saw in pretraining, the 10 novel ones combinations it never saw.
+    40 images per class form the few-shot pool and 50 the test set (fixed; the draw follows ``seed``)."""
+    from mlgate.shapes import CLASSNAMES, task_images
+
+    pool_per_class, test_per_class = 40, 50
+    raw, labels = task_images(pool_per_class + test_per_class, seed=12345)
+    x = torch.as_tensor(raw).permute(0, 3, 1, 2)
+    if x.shape[-1] != norm.size:
+        x = F.interpolate(x, size=(norm.size, norm.size), mode="bilinear", align_corners=False)
+    images = (x - torch.tensor(norm.mean).view(1, 3, 1, 1)) / torch.tensor(norm.std).view(1, 3, 1, 1)
+    per = pool_per_class + test_per_class
+    offsets = np.arange(len(CLASSNAMES))[:, None] * per
+    pool_idx = (offsets + np.arange(pool_per_class)).ravel()
+    test_idx = (offsets + np.arange(pool_per_class, per)).ravel()
+    return _few_shot_data("shapes", CLASSNAMES, images, labels, pool_idx, test_idx, shots, seed, subsample)
+
+
 def load_digits_dataset(shots: int, seed: int, norm: ImageNorm, subsample: str = "base") -> FewShotData:
-    """scikit-learn's bundled 8×8 digits (1,797 images, 10 classes) under the few-shot protocol.
+    """scikit-learn's 8×8 digits (1,797 images, 10 classes) under the few-shot protocol.
 
     The pool/test split is fixed (half of each class each); the few-shot draw follows ``seed``.
     """
@@ -114,31 +148,16 @@ def load_digits_dataset(shots: int, seed: int, norm: ImageNorm, subsample: str =
         pool.append(idx[: len(idx) // 2])
         test.append(idx[len(idx) // 2 :])
     pool_idx, test_idx = np.concatenate(pool), np.concatenate(test)
-    train_rel, val_rel = few_shot_indices(labels[pool_idx], shots, seed)
-    train = _subset(images, labels, pool_idx[train_rel])
-    val = _subset(images, labels, pool_idx[val_rel])
-    test_split = _subset(images, labels, test_idx)
-    if subsample == "all":
-        base, novel = list(range(10)), []
-    else:
-        base, novel = split_base_novel(10)
-    return FewShotData(
-        name=BUNDLED_DATASET,
-        classnames=list(DIGIT_NAMES),
-        base=base,
-        novel=novel,
-        train=_by_classes(train, base),
-        val=_by_classes(val, base),
-        test_base=_by_classes(test_split, base),
-        test_novel=_by_classes(test_split, novel) if novel else Split(test_split.images[:0], test_split.labels[:0]),
-    )
+    return _few_shot_data("digits", DIGIT_NAMES, images, labels, pool_idx, test_idx, shots, seed, subsample)
 
 
-DATASETS = {BUNDLED_DATASET: load_digits_dataset}
+DATASETS = {"shapes": load_shapes_dataset, "digits": load_digits_dataset}
 
 
-def load_dataset(name: str, shots: int, seed: int, norm: ImageNorm, subsample: str = "base") -> FewShotData:
-    """The few-shot splits of dataset ``name`` prepared for a backbone's image size and normalization."""
+def load_dataset(name: str, shots: int, seed: int, norm: ImageNorm, subsample: str = "base",
+                 root: str | None = None) -> FewShotData:
+    """The few-shot splits of dataset ``name`` prepared for a backbone's image size and normalization.
+    ``root`` is the folder holding the dataset's own folder (bundled datasets need none)."""
     if name not in DATASETS:
         raise MlgateError(
             f"data.name: unknown dataset {name!r}; available here: {', '.join(sorted(DATASETS))}."

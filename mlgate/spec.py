@@ -179,17 +179,23 @@ class StudySection(StrictModel):
         3, ge=1, description="Stop the study (exit 1) after this many failed trials in a row."
     )
     collapse_pruning: CollapsePruningSpec = Field(default_factory=lambda: CollapsePruningSpec())
+    heartbeat_interval: float = Field(10.0, gt=0.0, description="Seconds between a running trial's heartbeats.")
+    heartbeat_grace: float = Field(
+        120.0, gt=0.0, description="A running trial without a heartbeat for this long has lost its worker: it is "
+        "failed and retried.")
+    max_retries: int = Field(3, ge=0, description="Retries of a trial whose worker died.")
 
 
 class BackboneSpec(StrictModel):
     name: str = Field("mlgate-tiny", description="open_clip model name (e.g. ViT-B-16-quickgelu).")
     pretrained: str | None = Field(
-        None, description="open_clip pretrained tag (openai), local checkpoint path, or null for random init."
+        "mlgate", description="open_clip pretrained tag (openai), local checkpoint path, 'mlgate' (the "
+        "weights shipped for mlgate-tiny), or null for random init."
     )
 
 
 class DataSpec(StrictModel):
-    name: str = Field("digits", description="Dataset name (the bundled one is 'digits').")
+    name: str = Field("shapes", description="Dataset name (bundled: 'shapes'; also 'digits').")
     root: str | None = Field(None, description="Folder that holds the dataset's own folder.")
     shots: int = Field(16, ge=1, description="Training images per class (K).")
     seed: int = Field(1, description="Seed of the few-shot draw.")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -23,6 +25,9 @@ from mlgate.training import EVAL_METRICS, preflight, train
 from mlgate.verdicts import COLLAPSED, Thresholds
 
 STUDY_RUN_ATTR = "mlgate.study_run_id"
+HEARTBEAT_ATTR = "mlgate.heartbeat"
+SURPLUS_ATTR = "mlgate.surplus"
+POLL_SECONDS = 1.0
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -102,40 +107,87 @@ def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+class SurplusTrial(Exception):
+    """A trial started by one worker while others already hold every remaining slot: ended at once
+    (FAIL, no MLflow run), so that the count of finished trials stays exact."""
+
+
+class Heartbeat:
+    """Stamps ``mlgate.heartbeat`` on a running trial every ``interval`` seconds from a thread, so any
+    worker, on any storage (journal files included), can tell a trial whose worker died."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: float) -> None:
+        self.storage, self.trial_id, self.interval = study._storage, trial._trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
+            except Exception:  # noqa: BLE001 - the trial may have been finished meanwhile
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self.storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 class Objective:
     """One Optuna trial = one MLflow child run = one call of the training loop."""
 
-    def __init__(self, spec: StudySpec, tracker: StudyTracker, echo: Callable[[str], None]) -> None:
-        self.spec, self.tracker, self.echo = spec, tracker, echo
+    def __init__(self, spec: StudySpec, tracker: StudyTracker, study: optuna.Study,
+                 echo: Callable[[str], None]) -> None:
+        self.spec, self.tracker, self.study, self.echo = spec, tracker, study, echo
         self.thresholds = Thresholds(**spec.logging.verdict.model_dump())
+        self.last_number: int | None = None
+
+    def _check_slot(self, trial: optuna.Trial) -> None:
+        # Every remaining slot goes to the lowest-numbered running trials: a tie-break all workers agree on.
+        trials = self.study.get_trials(deepcopy=False)
+        slots = self.spec.study.n_trials - sum(t.state in FINISHED for t in trials)
+        running = sorted(t.number for t in trials if t.state == TrialState.RUNNING)
+        if trial.number not in running[: max(slots, 0)]:
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise SurplusTrial(f"trial {trial.number}: the study's {self.spec.study.n_trials} slots are taken")
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.last_number = trial.number
+        self._check_slot(trial)
         sampled = suggest(trial, self.spec)
         trial_spec = self.spec.with_values(sampled)
         run = self.tracker.start_trial(trial.number, trial_spec.method.name, trial_spec.flat_params(), sampled)
         trial.set_user_attr("mlflow_run_id", run.run_id)
         objective = self.spec.study.objective
-
         collapse = self.spec.study.collapse_pruning
+
+        def verdict() -> str:
+            return run.history.verdict(self.thresholds, self.spec.t_target)
 
         def report(step: int, metrics: dict[str, float]) -> None:
             trial.report(metrics[objective], step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"{objective}={metrics[objective]:.4g} at step {step}")
             # Early warning (the paper's template): gates already collapsed → stop spending on them.
-            if collapse.enabled and step >= collapse.warmup_steps and run.history.verdict(self.thresholds, self.spec.t_target) == COLLAPSED:
+            if collapse.enabled and step >= collapse.warmup_steps and verdict() == COLLAPSED:
                 run.set_tag("mlgate.pruned_by", "collapse")
                 raise optuna.TrialPruned(f"gates collapsed by step {step}")
 
         try:
-            outcome = train(trial_spec, sink=run, on_eval=report)
+            with Heartbeat(self.study, trial, self.spec.study.heartbeat_interval):
+                outcome = train(trial_spec, sink=run, on_eval=report)
         except optuna.TrialPruned:
-            run.end("PRUNED", run.history.verdict(self.thresholds, self.spec.t_target))
-            trial.set_user_attr("verdict", run.history.verdict(self.thresholds, self.spec.t_target))
-            self.echo(f"trial {trial.number}: PRUNED  ({run.history.verdict(self.thresholds, self.spec.t_target)})")
+            run.end("PRUNED", verdict())
+            trial.set_user_attr("verdict", verdict())
+            self.echo(f"trial {trial.number}: PRUNED  ({verdict()})")
             raise
         except BaseException as exc:  # noqa: BLE001 - the run must be closed whatever happened
-            run.end("FAIL", run.history.verdict(self.thresholds, self.spec.t_target), error=exc)
+            run.end("FAIL", verdict(), error=exc)
             self.echo(f"trial {trial.number}: FAIL  {type(exc).__name__}: {exc}")
             raise
         run.end("COMPLETE", outcome.verdict)
@@ -145,17 +197,33 @@ class Objective:
         return value
 
 
-def run_study(spec: StudySpec, tracking_uri: str | None = None, storage: str | None = None,
-              echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Create or resume the study and run it to ``spec.study.n_trials`` finished trials.
+def fail_stale_trials(study: optuna.Study, tracker: StudyTracker, grace: float, max_retries: int,
+                      echo: Callable[[str], None]) -> None:
+    """Fail RUNNING trials whose heartbeat is older than ``grace`` seconds (their worker died): close
+    their MLflow run as FAILED with the reason, and queue their parameters again for a retry."""
+    now = time.time()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        beat = t.user_attrs.get(HEARTBEAT_ATTR)
+        started = t.datetime_start.timestamp() if t.datetime_start else now
+        if now - (beat if beat is not None else started) <= grace:
+            continue
+        if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+            continue  # another worker got there first
+        reason = f"worker died: no heartbeat for {now - (beat or started):.0f}s (grace {grace:g}s)"
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id:
+            tracker.fail_run(run_id, reason)
+        retries = t.user_attrs.get("mlgate.retries", 0)
+        if retries < max_retries:
+            study.enqueue_trial(t.params, user_attrs={"mlgate.retries": retries + 1, "mlgate.retry_of": t.number})
+        echo(f"trial {t.number}: FAIL  {reason}" + ("; retrying" if retries < max_retries else ""))
 
-    Returns the study summary (also logged to the study run). Raises :class:`StudyFailed` after
-    ``study.max_consecutive_failures`` failed trials in a row.
-    """
+
+def open_study(spec: StudySpec, tracking_uri: str | None, storage: str | None) -> tuple[optuna.Study, StudyTracker]:
+    """Create or load the Optuna study and open (or reopen) its MLflow study run."""
     if spec.study.objective not in EVAL_METRICS:
         raise MlgateError(f"study.objective: {spec.study.objective!r} is not reported at evaluation; "
                           f"valid: {', '.join(EVAL_METRICS)}.")
-    preflight(spec)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # mlgate reports each trial itself
     study = optuna.create_study(
@@ -164,25 +232,64 @@ def run_study(spec: StudySpec, tracking_uri: str | None = None, storage: str | N
     )
     tracker = StudyTracker(tracking_uri, spec.experiment_name, spec.name)
     run_id = tracker.open_study_run(study.user_attrs.get(STUDY_RUN_ATTR), spec.to_yaml(), spec.flat_params())
-    study.set_user_attr(STUDY_RUN_ATTR, run_id)
-    objective = Objective(spec, tracker, echo)
-    target = spec.study.n_trials
-    echo(f"study {spec.name}: {count_finished(study)}/{target} trials finished; experiment "
-         f"{spec.experiment_name!r} at {redact(tracking_uri)}")
+    if study.user_attrs.get(STUDY_RUN_ATTR) != run_id:
+        study.set_user_attr(STUDY_RUN_ATTR, run_id)
+    return study, tracker
 
-    failures, status = 0, "FINISHED"
+
+def work(study: optuna.Study, tracker: StudyTracker, spec: StudySpec, echo: Callable[[str], None]) -> None:
+    """Run trials until the study has ``n_trials`` finished ones, sharing the work with any other
+    worker on the same storage. Raises :class:`StudyFailed` after too many failures in a row."""
+    objective = Objective(spec, tracker, study, echo)
+    target, failures = spec.study.n_trials, 0
+    while True:
+        fail_stale_trials(study, tracker, spec.study.heartbeat_grace, spec.study.max_retries, echo)
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in FINISHED for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if finished >= target:
+            return
+        if failures >= spec.study.max_consecutive_failures:
+            raise StudyFailed(
+                f"study {spec.name}: {failures} trials failed in a row (study.max_consecutive_failures); "
+                "stopping instead of burning the budget. Each failed run has its error as error.txt."
+            )
+        if finished + running >= target:  # the last slots are being worked on; a failure frees one
+            time.sleep(POLL_SECONDS)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna warns per caught failure; the run has the error
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+        mine = study.trials[objective.last_number]
+        if mine.user_attrs.get(SURPLUS_ATTR):
+            continue
+        failures = failures + 1 if mine.state == TrialState.FAIL else 0
+
+
+def close_study(study: optuna.Study, tracker: StudyTracker, spec: StudySpec, status: str) -> dict[str, Any]:
+    """Log the summary, the plots and the status on the study run."""
+    summary = summarize(study, spec)
+    with tempfile.TemporaryDirectory(prefix="mlgate-") as tmp:
+        save_plots(study, Path(tmp))
+        tracker.close_study_run(summary, Path(tmp), status)
+    return summary
+
+
+def run_study(spec: StudySpec, tracking_uri: str | None = None, storage: str | None = None,
+              echo: Callable[[str], None] = print, close: bool = True) -> dict[str, Any]:
+    """Create or resume the study and run it to ``spec.study.n_trials`` finished trials.
+
+    Several processes may run this on the same storage at once: they share the work and the count
+    stays exact. ``close=False`` (a worker started by ``--workers``) leaves the study run to the parent.
+    Returns the study summary (also logged to the study run).
+    """
+    preflight(spec)
+    study, tracker = open_study(spec, tracking_uri, storage)
+    echo(f"study {spec.name}: {count_finished(study)}/{spec.study.n_trials} trials finished; experiment "
+         f"{spec.experiment_name!r} at {redact(tracker.tracking_uri)}")
+    status = "FINISHED"
     try:
-        while count_finished(study) < target:
-            if failures >= spec.study.max_consecutive_failures:
-                raise StudyFailed(
-                    f"study {spec.name}: {failures} trials failed in a row (study.max_consecutive_failures); "
-                    "stopping instead of burning the budget. Each failed run has its error as error.txt."
-                )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Optuna warns per caught failure; the run has the error
-                study.optimize(objective, n_trials=1, catch=(Exception,))
-            last = study.trials[-1]
-            failures = failures + 1 if last.state == TrialState.FAIL else 0
+        work(study, tracker, spec, echo)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -190,16 +297,14 @@ def run_study(spec: StudySpec, tracking_uri: str | None = None, storage: str | N
         status = "FAILED"
         raise
     finally:
-        summary = summarize(study, spec)
-        with tempfile.TemporaryDirectory(prefix="mlgate-") as tmp:
-            save_plots(study, Path(tmp))
-            tracker.close_study_run(summary, Path(tmp), status)
-    return summary
+        if close:
+            summary = close_study(study, tracker, spec, status)
+    return summary if close else summarize(study, spec)
 
 
 def summarize(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
     """Best trial, counts by state and verdict, parameter importances."""
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS_ATTR)]
     counts = Counter(t.state.name for t in trials)
     verdicts = Counter(t.user_attrs.get("verdict") for t in trials if t.user_attrs.get("verdict"))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]

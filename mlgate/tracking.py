@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -135,11 +136,18 @@ class StudyTracker:
             tags={
                 "mlflow.parentRunId": self.study_run_id, ROLE: "trial", STUDY: self.study_name,
                 TRIAL: str(number), METHOD: method, STATE: "RUNNING",
+                "mlgate.worker": f"{socket.gethostname()}:{os.getpid()}",
                 "mlgate.sampled": ", ".join(sorted(sampled)) or "(none)",
             },
         )
         self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
         return TrialRun(self.client, run.info.run_id)
+
+    def fail_run(self, run_id: str, reason: str) -> None:
+        """Close a trial run whose worker died: FAILED, with the reason as tag and ``error.txt``."""
+        self.client.log_batch(run_id, tags=[RunTag(STATE, "FAIL"), RunTag("mlgate.error", reason)])
+        self.client.log_text(run_id, reason + "\n", "error.txt")
+        self.client.set_terminated(run_id, status="FAILED")
 
     def close_study_run(self, summary: dict[str, Any], artifacts_dir: Path | None, status: str = "FINISHED") -> None:
         """Log the study summary and end the study run."""

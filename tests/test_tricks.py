@@ -75,7 +75,7 @@ def test_phases_freeze_the_right_groups():
 def test_collapse_pruning_prunes_collapsed_and_spares_healthy(workdir, write_spec):
     early = {"collapse_pruning": {"enabled": True, "warmup_steps": 6}, "n_trials": 1}
     write_spec("collapsing", study=early, search={}, train={"steps": 12})
-    write_spec("healthy", study=early, search={}, train={"steps": 12, "gate_lr_mult": 1000.0})
+    write_spec("healthy", study=early, search={}, train={"steps": 12, "gate_lr_mult": 10000.0})
     assert main(["run", "collapsing"]) == 0 and main(["run", "healthy"]) == 0
     _, _, [collapsed] = runs_of("collapsing")
     assert collapsed.info.status == "KILLED" and collapsed.data.tags["mlgate.state"] == "PRUNED"
