@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -42,37 +43,93 @@ def redact(url: str) -> str:
 
 
 class TrialRun:
-    """An MLflow child run for one trial; also the trainer's metric sink."""
+    """An MLflow child run for one trial; also the trainer's metric sink.
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    Metrics are buffered: when the tracking server cannot be reached they stay pending and go out
+    with the next flush, and the run is closed only once everything pending has landed. Training is
+    not held up by an outage shorter than ``outage_s``; a longer one fails the trial.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, outage_s: float = 600.0) -> None:
         self.client = client
         self.run_id = run_id
         self.history = MetricHistory()
+        self.outage_s = outage_s
+        self._pending: list[Metric] = []
+        self._down_since: float | None = None
 
     def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        """One ``log_batch`` for many steps (the client splits it into compliant chunks)."""
+        """Queue the rows and send everything pending in one ``log_batch`` (chunked by the client)."""
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+        self._pending += [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()]
         self.history.add(rows)
+        self._send_pending(block=False)
+
+    def _send_pending(self, block: bool) -> None:
+        if not self._pending:
+            return
+        try:
+            self._retry(lambda: self.client.log_batch(self.run_id, metrics=self._pending), block)
+            self._pending = []
+        except _Unreachable:
+            pass  # kept; the next flush tries again
+
+    def _retry(self, call, block: bool = True):
+        """Run an MLflow call; on connection trouble retry with backoff (``block``) or give up for now.
+        Raises once the tracking server has been unreachable for longer than ``outage_s``."""
+        delay = 0.5
+        while True:
+            try:
+                result = call()
+                if self._down_since is not None:
+                    print(f"mlgate: MLflow tracking reachable again after {time.time() - self._down_since:.0f}s; "
+                          "buffered metrics sent", file=sys.stderr, flush=True)
+                self._down_since = None
+                return result
+            except (MlflowException, OSError) as exc:
+                if not _is_connection_error(exc):
+                    raise
+                if self._down_since is None:
+                    print("mlgate: MLflow tracking unreachable; buffering metrics and retrying",
+                          file=sys.stderr, flush=True)
+                self._down_since = self._down_since or time.time()
+                if time.time() - self._down_since > self.outage_s:
+                    raise RuntimeError(f"MLflow tracking unreachable for over {self.outage_s:.0f}s: {exc}") from exc
+                if not block:
+                    raise _Unreachable from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     def log_artifacts(self, local_dir: Path) -> None:
-        self.client.log_artifacts(self.run_id, str(local_dir))
+        self._retry(lambda: self.client.log_artifacts(self.run_id, str(local_dir)))
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self._retry(lambda: self.client.set_tag(self.run_id, key, value))
 
     def end(self, state: str, verdict: str, error: BaseException | None = None) -> None:
-        """Tag the outcome and close the run: FINISHED, KILLED (pruned / interrupted) or FAILED."""
+        """Send what is pending, tag the outcome and close the run: FINISHED, KILLED (pruned or
+        interrupted) or FAILED."""
+        self._send_pending(block=True)
         tags = [RunTag(STATE, state), RunTag(VERDICT, verdict)]
         if error is not None:
             tags.append(RunTag("mlgate.error", f"{type(error).__name__}: {error}"[:500]))
             text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-            self.client.log_text(self.run_id, text, "error.txt")
-        self.client.log_batch(self.run_id, tags=tags)
+            self._retry(lambda: self.client.log_text(self.run_id, text, "error.txt"))
+        self._retry(lambda: self.client.log_batch(self.run_id, tags=tags))
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else _RUN_STATUS[state]
-        self.client.set_terminated(self.run_id, status=status)
+        self._retry(lambda: self.client.set_terminated(self.run_id, status=status))
+
+
+class _Unreachable(Exception):
+    """The tracking server did not answer this time."""
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    # MLflow wraps requests' connection errors in MlflowException; OSError covers the rest of the stack.
+    text = f"{type(exc).__name__}: {exc}"
+    markers = ("Connection", "Max retries exceeded", "Failed to establish", "timed out", "Temporary failure",
+               "API request to", "refused")
+    return isinstance(exc, (ConnectionError, TimeoutError)) or any(m in text for m in markers)
 
 
 class StudyTracker:

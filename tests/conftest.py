@@ -75,39 +75,53 @@ def postgres_url():
         admin.close()
 
 
-@pytest.fixture
-def mlflow_server(workdir, postgres_url):
-    """`mlflow server` on 127.0.0.1 (a free port) over a PostgreSQL backend store; yields its URL."""
+def start_mlflow_server(workdir: Path, backend_uri: str, port: int | None = None):
+    """`mlflow server` on 127.0.0.1 over ``backend_uri``; returns (process, url) once it answers."""
     import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", postgres_url, "--artifacts-destination", str(workdir / "artifacts"),
+         "--backend-store-uri", backend_uri, "--artifacts-destination", str(workdir / "artifacts"),
          "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir,
     )
     url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("mlflow server did not start") from None
+            time.sleep(0.5)
+
+
+def stop(proc) -> None:
+    import subprocess
+
+    proc.terminate()
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("mlflow server did not start") from None
-                time.sleep(0.5)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def mlflow_server(workdir, postgres_url):
+    """`mlflow server` on 127.0.0.1 (a free port) over a PostgreSQL backend store; yields its URL."""
+    proc, url = start_mlflow_server(workdir, postgres_url)
+    try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
