@@ -154,6 +154,29 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mlgate.bench import CONFIGS, bench
+
+    if min(args.classes, args.batch, args.steps) < 1:
+        raise MlgateError("--classes, --batch and --steps take whole numbers >= 1.")
+    result = bench(args.method, args.backbone, args.classes, args.batch, args.steps, args.warmup,
+                   list(args.set or []), args.device)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['method']} on {result['backbone']} ({result['device']}, {result['classes']} classes, "
+          f"batch {result['batch']}, {result['steps']} timed steps after {result['warmup']})")
+    print(f"  {'configuration':<20} {'steps/s':>10} {'images/s':>10} {'GPU peak MB':>12}")
+    for name in CONFIGS:
+        print(f"  {name:<20} {result['steps_per_s'][name]:>10.2f} {result['images_per_s'][name]:>10.1f} "
+              f"{result['peak_memory_mb']['gpu'][name]:>12.0f}")
+    r = result["ratios"]
+    print(f"  speed-up vs reference {r['speedup_vs_reference']:.1f}x; diagnostics overhead "
+          f"{100 * r['diagnostics_overhead']:+.1f}%; logging overhead {100 * r['logging_overhead']:+.1f}%; "
+          f"host peak {result['peak_memory_mb']['host']:.0f} MB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlgate", description=__doc__.splitlines()[0])
     from mlgate import __version__
@@ -206,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--seed", type=int, default=1)
     summ.add_argument("--json", action="store_true")
     summ.set_defaults(func=cmd_data_summary)
+
+    b = sub.add_parser("bench", help="training-step speed in four configurations, measured in one run")
+    b.add_argument("--method", default="coop")
+    b.add_argument("--backbone", default="mlgate-tiny", help="open_clip model name (random init)")
+    b.add_argument("--classes", type=int, default=10)
+    b.add_argument("--batch", type=int, default=32)
+    b.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--set", action="append", metavar="method.KEY=VALUE")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     sub.add_parser("list", help="the studies in studies/").set_defaults(func=cmd_list)
     sub.add_parser("schema", help="JSON Schema of a study spec").set_defaults(func=cmd_schema)

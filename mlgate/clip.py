@@ -17,6 +17,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mlgate.errors import MlgateError
 
@@ -90,8 +91,27 @@ class PromptedCLIP(nn.Module):
         """Token embeddings (N, L, D) of token ids."""
         return self.text.token_embedding(tokens)
 
+    #: Prompts encoded per chunk when training on many classes: with gradient checkpointing, memory
+    #: grows with the chunk, not with the label set (CoOp on ImageNet-1k's 1000 class prompts).
+    text_chunk: int = 256
+
     def encode_text_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor, n_prompt: int = 0,
                                deep: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
+        """Text features (N, E) of embedded prompts; see :meth:`_encode_text`. Above ``text_chunk``
+        sequences, and when gradients are needed, chunks are encoded under activation checkpointing."""
+        n = x.shape[0]
+        if n <= self.text_chunk or not torch.is_grad_enabled():
+            return self._encode_text(x, eot_index, n_prompt, deep)
+        out = []
+        for start in range(0, n, self.text_chunk):
+            part = slice(start, start + self.text_chunk)
+            deep_part = [d[part] if d is not None and d.dim() == 3 else d for d in deep]
+            out.append(checkpoint(self._encode_text, x[part], eot_index[part], n_prompt, deep_part,
+                                  use_reentrant=False))
+        return torch.cat(out)
+
+    def _encode_text(self, x: torch.Tensor, eot_index: torch.Tensor, n_prompt: int = 0,
+                     deep: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
         """Text features (N, E) of embedded prompts (N, L, D) pooled at ``eot_index``.
 
         The prompt occupies positions ``1 : 1 + n_prompt`` (after SOS). ``deep[i]`` (for layers 1...)

@@ -267,6 +267,8 @@ class TrainSpec(StrictModel):
     eval_interval: int = Field(50, ge=1, description="Evaluate (and report to Optuna) every this many steps.")
     seed: int = 0
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
 
     @model_validator(mode="before")
     @classmethod

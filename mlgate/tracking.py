@@ -10,8 +10,10 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +47,10 @@ def redact(url: str) -> str:
 class TrialRun:
     """An MLflow child run for one trial; also the trainer's metric sink.
 
-    Metrics are buffered: when the tracking server cannot be reached they stay pending and go out
-    with the next flush, and the run is closed only once everything pending has landed. Training is
-    not held up by an outage shorter than ``outage_s``; a longer one fails the trial.
+    Metrics are buffered and sent asynchronously (one background ``log_batch`` per flush, training
+    goes on meanwhile). When the tracking server cannot be reached they stay pending and go out with
+    a later flush; the run is closed only once everything pending has landed. An outage longer than
+    ``outage_s`` fails the trial.
     """
 
     def __init__(self, client: MlflowClient, run_id: str, outage_s: float = 600.0) -> None:
@@ -56,23 +59,33 @@ class TrialRun:
         self.history = MetricHistory()
         self.outage_s = outage_s
         self._pending: list[Metric] = []
+        self._lock = threading.Lock()
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlgate-metrics")
+        self._sending: Future | None = None
         self._down_since: float | None = None
 
     def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        """Queue the rows and send everything pending in one ``log_batch`` (chunked by the client)."""
+        """Queue the rows; a background thread sends everything pending in one ``log_batch``."""
         now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()]
+        with self._lock:
+            self._pending += [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()]
         self.history.add(rows)
-        self._send_pending(block=False)
+        if self._sending is None or self._sending.done():
+            if self._sending is not None:
+                self._sending.result()  # surfaces an outage that outlasted outage_s
+            self._sending = self._sender.submit(self._send_pending, False)
 
     def _send_pending(self, block: bool) -> None:
-        if not self._pending:
+        with self._lock:
+            batch = list(self._pending)
+        if not batch:
             return
         try:
-            self._retry(lambda: self.client.log_batch(self.run_id, metrics=self._pending), block)
-            self._pending = []
+            self._retry(lambda: self.client.log_batch(self.run_id, metrics=batch), block)
         except _Unreachable:
-            pass  # kept; the next flush tries again
+            return  # kept; a later flush tries again
+        with self._lock:
+            del self._pending[: len(batch)]
 
     def _retry(self, call, block: bool = True):
         """Run an MLflow call; on connection trouble retry with backoff (``block``) or give up for now.
@@ -109,7 +122,10 @@ class TrialRun:
     def end(self, state: str, verdict: str, error: BaseException | None = None) -> None:
         """Send what is pending, tag the outcome and close the run: FINISHED, KILLED (pruned or
         interrupted) or FAILED."""
+        if self._sending is not None:
+            self._sending.result()
         self._send_pending(block=True)
+        self._sender.shutdown()
         tags = [RunTag(STATE, state), RunTag(VERDICT, verdict)]
         if error is not None:
             tags.append(RunTag("mlgate.error", f"{type(error).__name__}: {error}"[:500]))

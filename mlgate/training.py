@@ -6,7 +6,9 @@ callback (which may raise to stop the trial, e.g. ``optuna.TrialPruned``).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import random
 import tempfile
 from dataclasses import dataclass, field
@@ -111,18 +113,39 @@ def total_steps(cfg: TrainSpec, n_train: int) -> int:
     return max(1, math.ceil(cfg.epochs * math.ceil(n_train / cfg.batch_size)))
 
 
-class FeatureCache:
-    """Frozen image features, computed once, for methods that do not prompt the vision tower."""
+def cache_dir() -> Path:
+    """Where frozen image features are kept between trials and workers ($MLGATE_CACHE_DIR)."""
+    return Path(os.environ.get("MLGATE_CACHE_DIR") or Path.home() / ".cache" / "mlgate") / "features"
 
-    def __init__(self, clip: PromptedCLIP, device: torch.device, batch: int = 256) -> None:
+
+class FeatureCache:
+    """Frozen image features for methods that do not prompt the vision tower, computed once per
+    backbone × images (the preprocessed pixels are part of the key) and kept on disk, so every epoch,
+    every trial of a study and every worker on the machine reuse them."""
+
+    def __init__(self, clip: PromptedCLIP, device: torch.device, weights: str | None, batch: int = 256) -> None:
         self.clip, self.device, self.batch = clip, device, batch
+        self.key = f"{clip.name}|{weights}"
+
+    def path(self, split: Split) -> Path:
+        digest = hashlib.sha1(self.key.encode())
+        digest.update(split.images.detach().cpu().contiguous().numpy().tobytes())
+        return cache_dir() / f"{digest.hexdigest()}.pt"
 
     @torch.no_grad()
     def __call__(self, split: Split) -> Split:
-        feats = [self.clip.encode_image(split.images[i : i + self.batch].to(self.device))
+        path = self.path(split)
+        if path.is_file():
+            features = torch.load(path, map_location=self.device, weights_only=True)
+            return Split(features, split.labels.to(self.device))
+        feats = [self.clip.encode_image(split.images[i : i + self.batch].to(self.device)).float()
                  for i in range(0, len(split), self.batch)]
-        images = torch.cat(feats) if feats else torch.empty(0, self.clip.model.visual.output_dim, device=self.device)
-        return Split(images, split.labels.to(self.device))
+        features = torch.cat(feats) if feats else torch.empty(0, self.clip.model.visual.output_dim, device=self.device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(features.cpu(), tmp)
+        os.replace(tmp, path)  # atomic: a concurrent worker sees the whole file or none
+        return Split(features, split.labels.to(self.device))
 
 
 @torch.no_grad()
@@ -207,6 +230,47 @@ def equalize_gate_grads(gates: list[nn.Parameter], activation: Callable[[torch.T
             p.grad.mul_((1.0 / (s * (1 - s) + eps)).clamp(max=cap))
 
 
+def use_bf16(cfg: TrainSpec, device: torch.device) -> bool:
+    """bf16 autocast: on CUDA unless the spec says fp32 (CPU runs fp32 unless it says bf16)."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, groups: dict[str, list[nn.Parameter]],
+                      cfg: TrainSpec, inputs: torch.Tensor, targets: torch.Tensor, class_ids: torch.Tensor,
+                      step: int, steps: int, diagnostics: Diagnostics | None = None) -> None:
+    """One optimizer step with every training option of ``cfg`` but the LR schedule: temperature,
+    entropy regularizer, gradient equilibrium, phases, clipping, and the method's hooks. With
+    ``diagnostics`` the step's metrics are recorded (on the device; nothing is synced to the host)."""
+    tricks = cfg.gates
+    gates = groups.get("gate", [])
+    method.gate_temperature = temperature_at(step - 1, steps, tricks.temperature)
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, inputs.device)):
+        logits = method(inputs, class_ids)
+    loss_cls = F.cross_entropy(logits.float(), targets)
+    regularizers = method.regularizers()
+    if gates and tricks.entropy_weight > 0:
+        values = method.gate_values()
+        values = values.mean(0) if values.dim() > 1 else values
+        regularizers["entropy"] = tricks.entropy_weight * binary_entropy(values).sum()
+    loss_reg = sum(regularizers.values(), torch.zeros((), device=loss_cls.device))
+    loss = loss_cls + loss_reg
+    reg_grads = diagnostics.term_gate_grads(regularizers) if diagnostics is not None and regularizers else None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    method.on_backward(step)
+    if tricks.equilibrium.enabled:
+        equalize_gate_grads(gates, method.gate_activation, tricks.equilibrium.eps, tricks.equilibrium.cap)
+    if diagnostics is not None:
+        diagnostics.record(step, {"loss/total": loss, "loss/cls": loss_cls, "loss/reg": loss_reg}, reg_grads)
+    for name in frozen_groups(step - 1, cfg.phases, list(groups)):
+        for p in groups[name]:
+            p.grad = None  # optimizers skip parameters without a gradient
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in groups.values() for p in g], cfg.grad_clip)
+    optimizer.step()
+    method.on_step(step, steps)
+
+
 def preflight(spec: StudySpec) -> None:
     """Build the backbone and method once on the CPU, so a spec that cannot train (a depth beyond the
     backbone's layers, a ctx_init of the wrong length, missing weights) fails before any trial starts."""
@@ -236,7 +300,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
     if method.prompts_vision:
         splits = {k: Split(s.images.to(device), s.labels.to(device)) for k, s in raw.items()}
     else:
-        cache = FeatureCache(clip, device)
+        cache = FeatureCache(clip, device, spec.backbone.pretrained)
         splits = {k: cache(s) for k, s in raw.items()}
 
     optimizer = build_optimizer(method, cfg)
@@ -276,7 +340,6 @@ def train(spec: StudySpec, sink: Sink | None = None,
     trainable = float(sum(p.numel() for p in method.parameters() if p.requires_grad))
     history.add([(0, {"params/trainable": trainable})])
     sink.log_metrics([(0, {"params/trainable": trainable})])
-    tricks = cfg.gates
     record_gates(0)
     method.train()
     train_split = splits["train"]
@@ -286,34 +349,11 @@ def train(spec: StudySpec, sink: Sink | None = None,
             for group in optimizer.param_groups:
                 group["lr"] = (cfg.schedule.warmup_lr if factor is None
                                else cfg.optimizer.lr * group["lr_mult"] * factor)
-            method.gate_temperature = temperature_at(step - 1, steps, tricks.temperature)
-
             idx = torch.randperm(len(train_split), generator=generator)[: cfg.batch_size].to(device)
-            logits = method(train_split.images[idx], base_ids)
-            loss_cls = F.cross_entropy(logits, target_of[train_split.labels[idx]])
-            regularizers = method.regularizers()
-            if gates and tricks.entropy_weight > 0:
-                regularizers["entropy"] = tricks.entropy_weight * binary_entropy(diagnostics.gate_values()).sum()
-            loss_reg = sum(regularizers.values(), torch.zeros((), device=device))
-            loss = loss_cls + loss_reg
-
             diagnose = step % spec.logging.diagnostics_every == 0 or step == steps
-            reg_grads = diagnostics.term_gate_grads(regularizers) if diagnose and regularizers else None
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            method.on_backward(step)
-            if tricks.equilibrium.enabled:
-                equalize_gate_grads(gates, method.gate_activation, tricks.equilibrium.eps, tricks.equilibrium.cap)
-            if diagnose:
-                losses = {"loss/total": loss, "loss/cls": loss_cls, "loss/reg": loss_reg}
-                diagnostics.record(step, losses, reg_grads)
-            for name in frozen_groups(step - 1, cfg.phases, list(groups)):
-                for p in groups[name]:
-                    p.grad = None  # optimizers skip parameters without a gradient
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([p for g in groups.values() for p in g], cfg.grad_clip)
-            optimizer.step()
-            method.on_step(step, steps)
+            optimization_step(method, optimizer, groups, cfg, train_split.images[idx],
+                              target_of[train_split.labels[idx]], base_ids, step, steps,
+                              diagnostics if diagnose else None)
 
             if step % steps_per_epoch == 0 or step == steps:
                 record_gates(step)

@@ -20,6 +20,14 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _feature_cache(tmp_path_factory):
+    """The frozen-feature cache of the whole test session lives in a temp dir, not in ~/.cache."""
+    import os
+
+    os.environ["MLGATE_CACHE_DIR"] = str(tmp_path_factory.mktemp("mlgate-cache"))
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh working directory; the default MLflow store (sqlite:///mlflow.db) lands in it."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -266,3 +268,41 @@ def test_describe_cli(capsys):
     assert main(["describe", "coop", "--set", "method.n_ctx=zero"]) == 2
     assert "method.n_ctx" in capsys.readouterr().err
     assert main(["describe", "nope"]) == 2
+
+
+def test_chunked_checkpointed_text_encoding_matches_and_backpropagates(clip):
+    method = build_method(CoOpConfig(n_ctx=4), clip, [f"class {i}" for i in range(12)])
+    class_ids = torch.arange(12)
+    features = torch.randn(3, clip.model.visual.output_dim, generator=torch.Generator().manual_seed(0))
+    full = method(features, class_ids)
+    full.sum().backward()
+    grad_full = method.ctx.grad.clone()
+    method.ctx.grad = None
+    clip.text_chunk = 5  # 12 class prompts in chunks of 5, 5, 2 under checkpointing
+    try:
+        chunked = method(features, class_ids)
+        chunked.sum().backward()
+    finally:
+        clip.text_chunk = 256
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(method.ctx.grad, grad_full, atol=1e-4, rtol=1e-4)
+
+
+def test_per_depth_gradient_and_gate_metrics(clip):
+    from mlgate.diagnostics import Diagnostics
+
+    method = _adaptive(clip)
+    groups = method.param_groups()
+    diagnostics = Diagnostics(groups["prompt"], groups["gate"], method.gate_values, method.metrics)
+    method(_inputs(clip, method), torch.arange(4)).logsumexp(-1).sum().backward()
+    diagnostics.record(1, {})
+    [(_, m)] = diagnostics.drain()
+    assert m["grad/prompt_norm/d0"] == pytest.approx(method.ctx.grad.norm().item(), rel=1e-5)
+    assert m["grad/prompt_norm/d2"] == pytest.approx(method.deep_text.grad[1].norm().item(), rel=1e-5)
+    assert m["grad/gate_norm/length/d1"] == pytest.approx(method.length_gates.grad[1].norm().item(), rel=1e-5)
+    assert m["grad/gap_log10/d1"] == pytest.approx(
+        math.log10(m["grad/prompt_norm/d1"] / m["grad/gate_norm/length/d1"]), rel=1e-4)
+    probs = torch.sigmoid(method.length_gates).detach()
+    assert m["gate/effective_length/d2"] == pytest.approx(probs[2].sum().item(), rel=1e-5)
+    assert m["gate/effective_length"] == pytest.approx(probs.sum(-1).mean().item(), rel=1e-5)
+    assert m["gate/depth_prob/d1"] == pytest.approx(torch.sigmoid(method.depth_gates[0]).item(), rel=1e-5)

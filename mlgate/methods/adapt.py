@@ -74,12 +74,8 @@ class Adapt(PromptMethod):
             raise ValueError(f"method.depth {cfg.depth} exceeds the {layers} layers of backbone {clip.name!r}")
         self.depth = cfg.depth or layers
         device = clip.text.token_embedding.weight.device
-        tokens = clip.tokenize([cfg.template.format(name) for name in classnames])
-        eot = clip.eot_index(tokens)
-        tokens = tokens[:, : int(eot.max()) + 1]
-        with torch.no_grad():
-            self.register_buffer("text_embeds", clip.embed_tokens(tokens).clone(), persistent=False)
-        self.register_buffer("eot", eot, persistent=False)
+        self.classnames = list(classnames)
+        self._embed_text(trim=True)
         shape = (self.depth, cfg.max_len)
         self.text_prompts = nn.Parameter(torch.randn(*shape, clip.text_width, device=device) * 0.02)
         self.vision_prompts = nn.Parameter(torch.randn(*shape, clip.vision_width, device=device) * 0.02)
@@ -92,6 +88,19 @@ class Adapt(PromptMethod):
         self.snapshots: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.compact: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._distill: torch.Tensor | None = None  # this step's distillation term
+
+    def _embed_text(self, trim: bool) -> None:
+        # The query tokens: the template with each class name (trimmed to the longest unless told not to).
+        tokens = self.clip.tokenize([self.cfg.template.format(name) for name in self.classnames])
+        eot = self.clip.eot_index(tokens)
+        if trim:
+            tokens = tokens[:, : int(eot.max()) + 1]
+        with torch.no_grad():
+            self.register_buffer("text_embeds", self.clip.embed_tokens(tokens).clone(), persistent=False)
+        self.register_buffer("eot", eot, persistent=False)
+
+    def use_full_context(self) -> None:
+        self._embed_text(trim=False)
 
     # ---- parameters and metrics ----------------------------------------------------------------------
 

@@ -102,7 +102,16 @@ class AdaptiveBiMaPLe(BiMaPLe):
         return torch.cat(parts) if parts else None
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+        out = super().metrics()
+        for name, gates in (("length", self.length_gates), ("depth", self.depth_gates)):
+            if isinstance(gates, nn.Parameter) and gates.grad is not None:
+                norms = gates.grad.norm(dim=-1) if gates.dim() > 1 else gates.grad.abs()
+                first = 0 if name == "length" else 1
+                out.update({f"grad/gate_norm/{name}/d{k + first}": v for k, v in enumerate(norms)})
+        for k in range(self.depth):  # the gap per depth, prompt tokens against their length gates
+            prompt, gate = out.get(f"grad/prompt_norm/d{k}"), out.get(f"grad/gate_norm/length/d{k}")
+            if prompt is not None and gate is not None:
+                out[f"grad/gap_log10/d{k}"] = torch.log10(prompt.clamp_min(1e-30) / gate.clamp_min(1e-30))
         length = self._length_probs()
         if length is not None:
             per_depth = length.sum(-1)

@@ -115,6 +115,13 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
     def save_artifacts(self, folder: Path) -> None:
         """Write method artifacts (masks, schedules) into ``folder``; they land in the trial run."""
 
+    def use_full_context(self) -> None:
+        """Push the full 77-token context instead of trimmed prompts, as the reference trainers do
+        (``mlgate bench``'s reference configuration)."""
+        for name, child in list(self.named_children()):
+            if isinstance(child, ClassTokens):
+                setattr(self, name, ClassTokens(self.clip, child.classnames, child.n_ctx, trim=False).to(child.eot.device))
+
     def finalize(self) -> dict[str, float]:
         """After training: make the model final (e.g. compact pruned prompts); final metrics to log."""
         return {}
@@ -140,15 +147,17 @@ class ClassTokens(nn.Module):
     n_ctx placeholder slots, so learned context can be dropped in (CoOp's token prefix/suffix).
     Sequences are trimmed to the longest class prompt instead of the full 77 tokens."""
 
-    def __init__(self, clip, classnames: list[str], n_ctx: int) -> None:
+    def __init__(self, clip, classnames: list[str], n_ctx: int, trim: bool = True) -> None:
         super().__init__()
         placeholder = " ".join(["X"] * n_ctx)
         tokens = clip.tokenize([f"{placeholder} {name}." if n_ctx else f"{name}." for name in classnames])
         eot = clip.eot_index(tokens)
-        tokens = tokens[:, : int(eot.max()) + 1]
+        if trim:  # (the untrimmed 77 tokens are what the reference trainers push: `mlgate bench` compares)
+            tokens = tokens[:, : int(eot.max()) + 1]
         with torch.no_grad():
             embedded = clip.embed_tokens(tokens)
         self.n_ctx = n_ctx
+        self.classnames = list(classnames)
         self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", embedded[:, 1 + n_ctx :].clone(), persistent=False)
         self.register_buffer("eot", eot, persistent=False)

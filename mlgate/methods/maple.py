@@ -62,6 +62,15 @@ class MaPLe(PromptMethod):
         return {"prompt": [self.ctx, self.deep_text],
                 "coupling": [*self.proj.parameters(), *self.deep_proj.parameters()]}
 
+    def metrics(self) -> dict[str, torch.Tensor]:
+        # Per-depth prompt gradient norms (grad/prompt_norm/d<k>): how far gradients reach down.
+        out: dict[str, torch.Tensor] = {}
+        if self.ctx.grad is not None:
+            out["grad/prompt_norm/d0"] = self.ctx.grad.norm()
+        if self.deep_text.grad is not None:
+            out.update({f"grad/prompt_norm/d{k + 1}": g.norm() for k, g in enumerate(self.deep_text.grad)})
+        return out
+
     def layer_prompts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Text and vision prompts per depth 0..J-1 (each (n_ctx, D))."""
         text = [self.ctx, *self.deep_text]

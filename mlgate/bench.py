@@ -1,0 +1,146 @@
+"""``mlgate bench``: training-step speed of a method in four configurations, measured in one run.
+
+- ``reference``: the way the reference trainers work — the frozen image encoder runs every step, the
+  text encoder sees the full 77-token context, the loss is read back to the host every step, no
+  diagnostics;
+- ``mlgate``: cached image features (for methods that do not prompt the vision tower), prompts
+  trimmed to the longest one, one batched text pass, nothing synced to the host;
+- ``mlgate_diagnostics``: plus the gradient/gate diagnostics every step (one transfer per flush);
+- ``mlgate_logging``: plus the metrics sent to an MLflow run (SQLite in a temp dir) with ``log_batch``.
+
+Random-init weights and random images: the cost of a step does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from mlgate.clip import load_backbone
+from mlgate.describe import method_config
+from mlgate.diagnostics import Diagnostics
+from mlgate.methods import build_method
+from mlgate.spec import TrainSpec
+from mlgate.training import build_optimizer, optimization_step, resolve_device, use_bf16
+
+CONFIGS = ("reference", "mlgate", "mlgate_diagnostics", "mlgate_logging")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmup: int, rounds: int,
+            device: torch.device) -> dict[str, tuple[float, float]]:
+    """(steps per second, peak GPU MB) per configuration: each warmed up, then timed in ``rounds``
+    round-robin passes of ``steps`` steps (so drifts in machine load hit every configuration alike),
+    keeping the median pass."""
+    for step in steps_by_config.values():
+        for i in range(warmup):
+            step(i + 1)
+    times: dict[str, list[float]] = {name: [] for name in steps_by_config}
+    peaks = dict.fromkeys(steps_by_config, 0.0)
+    counter = warmup
+    for _ in range(rounds):
+        for name, step in steps_by_config.items():
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            for i in range(steps):
+                step(counter + i + 1)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**20)
+        counter += steps
+    return {name: (steps / statistics.median(t), peaks[name]) for name, t in times.items()}
+
+
+def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 10, batch: int = 32,
+          steps: int = 20, warmup: int = 3, overrides: list[str] | None = None, device: str = "auto",
+          flush_every: int = 50, rounds: int = 3) -> dict[str, Any]:
+    """Steps/s, images/s and peak memory of ``method`` in the four configurations, and their ratios."""
+    dev = resolve_device(device)
+    cfg = method_config(method, overrides or [])
+    train_cfg = TrainSpec()
+    clip = load_backbone(backbone, None, dev)
+    classnames = [f"class {i}" for i in range(n_classes)]
+    size = clip.image_norm.size
+    gen = torch.Generator().manual_seed(0)
+    pool = max(4 * batch, 64)
+    images = torch.randn(pool, 3, size, size, generator=gen).to(dev)
+    labels = torch.randint(0, n_classes, (pool,), generator=gen).to(dev)
+    class_ids = torch.arange(n_classes, device=dev)
+    total = warmup + rounds * steps
+    batches = [torch.randint(0, pool, (batch,), generator=gen).to(dev) for _ in range(total)]
+
+    def fresh():
+        torch.manual_seed(0)
+        m = build_method(cfg, clip, classnames).to(dev)
+        return m, build_optimizer(m, train_cfg), m.param_groups()
+
+    # Reference: no cache, full 77-token context, loss.item() every step.
+    ref, ref_opt, _ = fresh()
+    ref.use_full_context()
+    ref.train()
+
+    def reference_step(i: int) -> None:
+        idx = batches[i - 1]
+        x = images[idx] if ref.prompts_vision else clip.encode_image(images[idx])
+        loss = F.cross_entropy(ref(x, class_ids), labels[idx])
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+        loss.item()  # the reference trainers log the loss every step
+
+    features = images if fresh()[0].prompts_vision else torch.cat(
+        [clip.encode_image(images[i : i + 256]).float() for i in range(0, pool, 256)]).detach()
+
+    def mlgate_step(diagnose: bool, sink=None):
+        m, opt, groups = fresh()
+        m.train()
+        diag = Diagnostics(groups.get("prompt", []), groups.get("gate", []), m.gate_values, m.metrics) if diagnose else None
+
+        def step(i: int) -> None:
+            idx = batches[i - 1]
+            optimization_step(m, opt, groups, train_cfg, features[idx], labels[idx], class_ids, i, total, diag)
+            if diag is not None and i % flush_every == 0:
+                rows = diag.drain()
+                if sink is not None:
+                    sink.log_metrics(rows)
+
+        return step
+
+    with tempfile.TemporaryDirectory(prefix="mlgate-bench-") as tmp:
+        from mlflow.tracking import MlflowClient
+
+        from mlgate.tracking import TrialRun
+
+        client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+        run = client.create_run(client.create_experiment("bench"))
+        configs = {"reference": reference_step, "mlgate": mlgate_step(False), "mlgate_diagnostics": mlgate_step(True),
+                   "mlgate_logging": mlgate_step(True, TrialRun(client, run.info.run_id))}
+        results = measure(configs, steps, warmup, rounds, dev)
+
+    seconds = {k: 1.0 / v[0] for k, v in results.items()}
+    return {
+        "method": method, "backbone": backbone, "device": str(dev), "classes": n_classes, "batch": batch,
+        "steps": steps, "warmup": warmup, "rounds": rounds, "bf16": use_bf16(train_cfg, dev),
+        "steps_per_s": {k: v[0] for k, v in results.items()},
+        "images_per_s": {k: v[0] * batch for k, v in results.items()},
+        "peak_memory_mb": {"gpu": {k: v[1] for k, v in results.items()},
+                           "host": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+        "ratios": {
+            "speedup_vs_reference": seconds["reference"] / seconds["mlgate"],
+            "diagnostics_overhead": seconds["mlgate_diagnostics"] / seconds["mlgate"] - 1.0,
+            "logging_overhead": seconds["mlgate_logging"] / seconds["mlgate_diagnostics"] - 1.0,
+        },
+    }

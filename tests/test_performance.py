@@ -1,0 +1,89 @@
+"""What makes trials cheap: the on-disk frozen-feature cache, bf16 autocast, and `mlgate bench`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mlgate.cli import main
+from mlgate.clip import load_backbone
+from mlgate.data import load_dataset
+from mlgate.spec import StudySpec
+from mlgate.training import FeatureCache, cache_dir, train
+from tests.conftest import TINY, deep_update
+
+
+def test_feature_cache_is_computed_once_and_shared(monkeypatch):
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    split = load_dataset("shapes", 4, 1, clip.image_norm).test_base
+    first = FeatureCache(clip, torch.device("cpu"), "mlgate")(split)
+    path = FeatureCache(clip, torch.device("cpu"), "mlgate").path(split)
+    assert path.is_file() and path.parent == cache_dir()
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the image encoder ran again")
+
+    monkeypatch.setattr(clip, "encode_image", no_encoding)
+    again = FeatureCache(clip, torch.device("cpu"), "mlgate")(split)  # another trial, another worker
+    torch.testing.assert_close(again.images, first.images)
+    # Other weights or other pixels: another entry.
+    assert FeatureCache(clip, torch.device("cpu"), None).path(split) != path
+
+
+def test_bf16_autocast_trains(monkeypatch):
+    outcome = train(StudySpec.model_validate(deep_update(TINY, {"train": {"precision": "bf16"}, "search": {}})))
+    assert math.isfinite(outcome.final["loss/total"])
+    assert outcome.history["gate/drift"][-1] > 0
+
+
+def test_bench_reports_four_configurations_and_their_ratios(capsys):
+    assert main(["bench", "--steps", "2", "--warmup", "1", "--batch", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    configs = {"reference", "mlgate", "mlgate_diagnostics", "mlgate_logging"}
+    assert set(result["steps_per_s"]) == configs and all(v > 0 for v in result["steps_per_s"].values())
+    assert set(result["peak_memory_mb"]["gpu"]) == configs and result["peak_memory_mb"]["host"] > 0
+    sps, ratios = result["steps_per_s"], result["ratios"]
+    assert ratios["speedup_vs_reference"] == pytest.approx(sps["mlgate"] / sps["reference"])
+    assert ratios["diagnostics_overhead"] == pytest.approx(sps["mlgate"] / sps["mlgate_diagnostics"] - 1)
+    assert ratios["logging_overhead"] == pytest.approx(sps["mlgate_diagnostics"] / sps["mlgate_logging"] - 1)
+    assert result["images_per_s"]["mlgate"] == pytest.approx(8 * sps["mlgate"])
+    assert main(["bench", "--method", "maple", "--steps", "1", "--warmup", "0", "--batch", "4"]) == 0
+    assert "speed-up vs reference" in capsys.readouterr().out
+    assert main(["bench", "--steps", "0"]) == 2
+
+
+@pytest.mark.parametrize("name", ["coop", "cocoop", "maple", "adaptive_bimaple", "adapt"])
+def test_trimmed_prompts_give_the_full_77_token_results(name):
+    from mlgate.methods import build_method, method_class
+
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    torch.manual_seed(0)
+    method = build_method(method_class(name).Config(), clip, ["red circle", "a very long class name indeed", "x"])
+    size = clip.image_norm.size
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    inputs = images if method.prompts_vision else clip.encode_image(images)
+    method.eval()
+    trimmed = method(inputs, torch.arange(3))
+    method.use_full_context()
+    torch.testing.assert_close(method(inputs, torch.arange(3)), trimmed, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_and_uncached_features_give_the_same_logits_and_gradients():
+    from mlgate.methods import build_method, method_class
+
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    split = load_dataset("shapes", 4, 1, clip.image_norm).val
+    cached = FeatureCache(clip, torch.device("cpu"), "mlgate")(split)
+    results = []
+    for inputs in (cached.images, None):
+        torch.manual_seed(0)
+        method = build_method(method_class("coop").Config(), clip, [f"c{i}" for i in range(10)])
+        features = inputs if inputs is not None else clip.encode_image(split.images)  # uncached: every step
+        logits = method(features, torch.arange(10))
+        torch.nn.functional.cross_entropy(logits, split.labels).backward()
+        results.append((logits.detach(), method.ctx.grad.clone(), method.gates.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
