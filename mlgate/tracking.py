@@ -179,9 +179,7 @@ class StudyTracker:
             if project.info.experiment_id == self.experiment_id:
                 run_id = project_run_id
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=self.study_name)
-            run_id = run.info.run_id
-            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+            run_id = self._existing_study_run() or self._create_study_run(params)
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.client.log_batch(run_id, tags=[
@@ -198,6 +196,23 @@ class StudyTracker:
             self.client.set_tag(run_id, "mlgate.project_run_id", project_run_id)
         self.study_run_id = run_id
         return run_id
+
+    def _existing_study_run(self) -> str | None:
+        # The oldest study run of this study: workers that start together all settle on the same one.
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.`{ROLE}` = 'study' and tags.`{STUDY}` = '{self.study_name}'",
+            order_by=["attributes.start_time ASC"])
+        return min(found, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if found else None
+
+    def _create_study_run(self, params: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=self.study_name,
+                                     tags={ROLE: "study", STUDY: self.study_name})
+        oldest = self._existing_study_run()
+        if oldest != run.info.run_id:  # another worker created one at the same moment: use the oldest
+            self.client.delete_run(run.info.run_id)
+            return oldest
+        self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        return run.info.run_id
 
     def start_trial(self, number: int, method: str, params: dict[str, str],
                     sampled: dict[str, Any]) -> TrialRun:
