@@ -112,7 +112,7 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
         def step(i: int) -> None:
             idx = batches[i - 1]
             optimization_step(m, opt, groups, train_cfg, features[idx], labels[idx], class_ids, i, total, diag)
-            if diag is not None and i % flush_every == 0:
+            if diag is not None and i % min(flush_every, steps) == 0:  # every timed pass flushes at least once
                 rows = diag.drain()
                 if sink is not None:
                     sink.log_metrics(rows)

@@ -157,15 +157,15 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from mlgate.bench import CONFIGS, bench
 
-    if min(args.classes, args.batch, args.steps) < 1:
-        raise MlgateError("--classes, --batch and --steps take whole numbers >= 1.")
+    if min(args.classes, args.batch, args.steps, args.rounds) < 1:
+        raise MlgateError("--classes, --batch, --steps and --rounds take whole numbers >= 1.")
     result = bench(args.method, args.backbone, args.classes, args.batch, args.steps, args.warmup,
-                   list(args.set or []), args.device)
+                   list(args.set or []), args.device, rounds=args.rounds)
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"{result['method']} on {result['backbone']} ({result['device']}, {result['classes']} classes, "
-          f"batch {result['batch']}, {result['steps']} timed steps after {result['warmup']})")
+          f"batch {result['batch']}, median of {result['rounds']} passes of {result['steps']} steps)")
     print(f"  {'configuration':<20} {'steps/s':>10} {'images/s':>10} {'GPU peak MB':>12}")
     for name in CONFIGS:
         print(f"  {name:<20} {result['steps_per_s'][name]:>10.2f} {result['images_per_s'][name]:>10.1f} "
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=32)
     b.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--rounds", type=int, default=3, help="round-robin timed passes per configuration (median kept)")
     b.add_argument("--set", action="append", metavar="method.KEY=VALUE")
     b.add_argument("--device", default="auto")
     b.add_argument("--json", action="store_true")

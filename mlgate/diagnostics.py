@@ -19,7 +19,9 @@ def group_grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if len(grads) == 1:
+        return torch.linalg.vector_norm(grads[0])
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # one fused pass
 
 
 def cancellation(term_grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -36,7 +38,7 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
+    return tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
 
 
 class Diagnostics:
@@ -100,7 +102,8 @@ class Diagnostics:
             gate_norm = torch.linalg.vector_norm(gate_grad)
             prompt_norm = prompt_norm.to(gate_grad.device)
             reg = list(reg_gate_grads or [])
-            terms = [gate_grad - torch.stack(reg).sum(0)] + reg if reg else [gate_grad]
+            # With the classification term alone there is nothing to cancel: exactly 0, no kernels.
+            cancel = cancellation([gate_grad - torch.stack(reg).sum(0)] + reg) if reg else gate_norm.new_zeros(())
             values = self._gate_values()
             act = values.mean(0) if values.dim() > 1 else values
             if self.gate_init is None:  # input-dependent gates: drift from their first measured mean
@@ -112,7 +115,7 @@ class Diagnostics:
             row += [
                 gate_norm,
                 torch.log10(prompt_norm.clamp_min(_EPS) / gate_norm.clamp_min(_EPS)),
-                cancellation(terms),
+                cancel,
                 act.mean(), act.min(), act.max(),
                 (act - self.gate_init).abs().max(),
                 batch_std,
@@ -125,7 +128,8 @@ class Diagnostics:
         device = row[-1].device
         self._steps.append(step)
         self._keys.append(tuple(keys))
-        self._rows.append(torch.stack([r.to(device).float().reshape(()) for r in row]))
+        row = [r if r.dtype == torch.float32 and r.device == device else r.to(device, torch.float32) for r in row]
+        self._rows.append(torch.stack(row))
 
     def drain(self) -> list[tuple[int, dict[str, float]]]:
         """Everything queued since the last drain, moved to the host in one transfer."""
