@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import threading
@@ -42,6 +43,7 @@ def _echo(prefix: str = "") -> Callable[[str], None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from mlgate.progress import Progress
     from mlgate.spec import load_spec
     from mlgate.study import run_study
     from mlgate.workers import default_workers, run_workers
@@ -53,8 +55,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if workers > 1:
         summary = run_workers(spec, args, workers, _echo())
     else:
-        prefix = f"[worker {args.worker}] " if args.worker else ""
-        summary = run_study(spec, tracking_uri=args.tracking_uri, storage=args.storage, echo=_echo(prefix),
+        # Workers of --workers write lines (several live bars on one terminal would garble it).
+        progress = Progress(spec.study.n_trials, prefix=f"[worker {args.worker}] " if args.worker else "",
+                            live=False if args.worker else None)
+        summary = run_study(spec, tracking_uri=args.tracking_uri, storage=args.storage, progress=progress,
                             close=not args.worker)
         if args.worker:
             return 0
@@ -259,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+    os.environ["MLGATE_CONTEXT"] = "1"  # runs created from here on carry mlgate's context tags
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

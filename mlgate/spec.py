@@ -292,6 +292,8 @@ class VerdictThresholds(StrictModel):
 
 class LoggingSpec(StrictModel):
     diagnostics_every: int = Field(1, ge=1, description="Compute gradient/gate diagnostics every N steps.")
+    system_metrics_interval: float | None = Field(
+        10.0, gt=0.0, description="Seconds between MLflow system metrics (CPU, memory, GPU) of a trial; null: off.")
     flush_every: int = Field(50, ge=1, description="Send buffered metrics to MLflow every N steps.")
     verdict: VerdictThresholds = Field(default_factory=VerdictThresholds)
 

@@ -6,6 +6,7 @@ spec's count of finished trials (COMPLETE + PRUNED) is reached; failed trials do
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import threading
@@ -19,6 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mlgate.errors import MlgateError, StudyFailed
+from mlgate.progress import Progress, ProgressSink
 from mlgate.spec import CategoricalDistribution, FloatDistribution, StudySpec
 from mlgate.tracking import StudyTracker, redact, resolve_tracking_uri
 from mlgate.training import EVAL_METRICS, preflight, train
@@ -141,9 +143,9 @@ class Heartbeat:
 class Objective:
     """One Optuna trial = one MLflow child run = one call of the training loop."""
 
-    def __init__(self, spec: StudySpec, tracker: StudyTracker, study: optuna.Study,
-                 echo: Callable[[str], None]) -> None:
-        self.spec, self.tracker, self.study, self.echo = spec, tracker, study, echo
+    def __init__(self, spec: StudySpec, tracker: StudyTracker, study: optuna.Study, progress: Progress) -> None:
+        self.spec, self.tracker, self.study, self.progress = spec, tracker, study, progress
+        self.echo = progress.echo
         self.thresholds = Thresholds(**spec.logging.verdict.model_dump())
         self.last_number: int | None = None
 
@@ -178,9 +180,12 @@ class Objective:
                 run.set_tag("mlgate.pruned_by", "collapse")
                 raise optuna.TrialPruned(f"gates collapsed by step {step}")
 
+        self.progress.trial(trial.number, trial_spec.train.steps)
+        sink = ProgressSink(run, self.progress, trial.number, objective, verdict)
         try:
-            with Heartbeat(self.study, trial, self.spec.study.heartbeat_interval):
-                outcome = train(trial_spec, sink=run, on_eval=report)
+            with Heartbeat(self.study, trial, self.spec.study.heartbeat_interval), \
+                    system_metrics(run.run_id, self.tracker.tracking_uri, self.spec.logging.system_metrics_interval):
+                outcome = train(trial_spec, sink=sink, on_eval=report)
         except optuna.TrialPruned:
             run.end("PRUNED", verdict())
             trial.set_user_attr("verdict", verdict())
@@ -195,6 +200,24 @@ class Objective:
         value = outcome.objective(objective)
         self.echo(f"trial {trial.number}: COMPLETE  {objective}={value:.4g}  verdict={outcome.verdict}")
         return value
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, tracking_uri: str, interval: float | None):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) on a trial run."""
+    if interval is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1,
+                                   tracking_uri=tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def fail_stale_trials(study: optuna.Study, tracker: StudyTracker, grace: float, max_retries: int,
@@ -237,16 +260,18 @@ def open_study(spec: StudySpec, tracking_uri: str | None, storage: str | None) -
     return study, tracker
 
 
-def work(study: optuna.Study, tracker: StudyTracker, spec: StudySpec, echo: Callable[[str], None]) -> None:
+def work(study: optuna.Study, tracker: StudyTracker, spec: StudySpec, progress: Progress) -> None:
     """Run trials until the study has ``n_trials`` finished ones, sharing the work with any other
     worker on the same storage. Raises :class:`StudyFailed` after too many failures in a row."""
-    objective = Objective(spec, tracker, study, echo)
+    objective = Objective(spec, tracker, study, progress)
+    echo = progress.echo
     target, failures = spec.study.n_trials, 0
     while True:
         fail_stale_trials(study, tracker, spec.study.heartbeat_grace, spec.study.max_retries, echo)
         trials = study.get_trials(deepcopy=False)
         finished = sum(t.state in FINISHED for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)
+        progress.set_finished(finished)
         if finished >= target:
             return
         if failures >= spec.study.max_consecutive_failures:
@@ -276,20 +301,21 @@ def close_study(study: optuna.Study, tracker: StudyTracker, spec: StudySpec, sta
 
 
 def run_study(spec: StudySpec, tracking_uri: str | None = None, storage: str | None = None,
-              echo: Callable[[str], None] = print, close: bool = True) -> dict[str, Any]:
+              progress: Progress | None = None, close: bool = True) -> dict[str, Any]:
     """Create or resume the study and run it to ``spec.study.n_trials`` finished trials.
 
     Several processes may run this on the same storage at once: they share the work and the count
     stays exact. ``close=False`` (a worker started by ``--workers``) leaves the study run to the parent.
     Returns the study summary (also logged to the study run).
     """
+    progress = progress or Progress(spec.study.n_trials, live=False)
     preflight(spec)
     study, tracker = open_study(spec, tracking_uri, storage)
-    echo(f"study {spec.name}: {count_finished(study)}/{spec.study.n_trials} trials finished; experiment "
-         f"{spec.experiment_name!r} at {redact(tracker.tracking_uri)}")
+    progress.echo(f"study {spec.name}: {count_finished(study)}/{spec.study.n_trials} trials finished; experiment "
+                  f"{spec.experiment_name!r} at {redact(tracker.tracking_uri)}")
     status = "FINISHED"
     try:
-        work(study, tracker, spec, echo)
+        work(study, tracker, spec, progress)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -297,6 +323,8 @@ def run_study(spec: StudySpec, tracking_uri: str | None = None, storage: str | N
         status = "FAILED"
         raise
     finally:
+        progress.set_finished(count_finished(study))
+        progress.close()
         if close:
             summary = close_study(study, tracker, spec, status)
     return summary if close else summarize(study, spec)

@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlgate import __version__
+from mlgate.context import context_tags
 from mlgate.verdicts import MetricHistory
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -119,6 +120,10 @@ class TrialRun:
     def set_tag(self, key: str, value: str) -> None:
         self._retry(lambda: self.client.set_tag(self.run_id, key, value))
 
+    def log_image(self, key: str, image, step: int) -> None:
+        """A step-aware image (the MLflow UI's image grid has a slider over the steps)."""
+        self._retry(lambda: self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True))
+
     def end(self, state: str, verdict: str, error: BaseException | None = None) -> None:
         """Send what is pending, tag the outcome and close the run: FINISHED, KILLED (pruned or
         interrupted) or FAILED."""
@@ -206,7 +211,7 @@ class StudyTracker:
 
     def _create_study_run(self, params: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=self.study_name,
-                                     tags={ROLE: "study", STUDY: self.study_name})
+                                     tags={**context_tags(), ROLE: "study", STUDY: self.study_name})
         oldest = self._existing_study_run()
         if oldest != run.info.run_id:  # another worker created one at the same moment: use the oldest
             self.client.delete_run(run.info.run_id)
@@ -221,7 +226,7 @@ class StudyTracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"{self.study_name}-t{number:04d}",
-            tags={
+            tags={**context_tags(),
                 "mlflow.parentRunId": self.study_run_id, ROLE: "trial", STUDY: self.study_name,
                 TRIAL: str(number), METHOD: method, STATE: "RUNNING",
                 "mlgate.worker": f"{socket.gethostname()}:{os.getpid()}",
@@ -246,7 +251,7 @@ class StudyTracker:
         metrics = [Metric(f"study/n_{k.lower()}", float(v), int(time.time() * 1000), 0) for k, v in counts.items()]
         if summary.get("best") is not None:
             metrics.append(Metric("study/best_value", float(summary["best"]["value"]), int(time.time() * 1000), 0))
-        tags = [RunTag("mlflow.note.content", summary_note(summary))]
+        tags = [RunTag("mlflow.note.content", summary_note(summary, self.experiment_id))]
         if summary.get("best") is not None:
             tags.append(RunTag("mlgate.best_trial", str(summary["best"]["trial"])))
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
@@ -255,15 +260,18 @@ class StudyTracker:
         self.client.set_terminated(run_id, status=status)
 
 
-def summary_note(summary: dict[str, Any]) -> str:
+def summary_note(summary: dict[str, Any], experiment_id: str | None = None) -> str:
     """Markdown description for the study run (MLflow shows it as the run's note)."""
     lines = [f"## mlgate study `{summary['study']}`", ""]
     counts = ", ".join(f"{v} {k.lower()}" for k, v in summary.get("counts", {}).items())
     lines.append(f"Trials: {counts or 'none'}.")
     best = summary.get("best")
     if best:
-        lines.append(f"Best: trial {best['trial']} ({summary['objective']} = {best['value']:.4g}), "
-                     f"run `{best.get('run_id')}`, params `{best['params']}`.")
+        run = f"`{best.get('run_id')}`"
+        if experiment_id is not None and best.get("run_id"):
+            run = f"[{summary['study']}-t{best['trial']:04d}](#/experiments/{experiment_id}/runs/{best['run_id']})"
+        lines.append(f"Best: trial {best['trial']} ({summary['objective']} = {best['value']:.4g}), run {run}, "
+                     f"params `{best['params']}`.")
     verdicts = summary.get("verdicts")
     if verdicts:
         lines.append("Verdicts: " + ", ".join(f"{v} {k}" for k, v in verdicts.items()) + ".")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlgate import plots
 from mlgate.clip import PromptedCLIP, load_backbone
 from mlgate.describe import inference_gflops
 from mlgate.data import FewShotData, Split, load_dataset
@@ -39,6 +40,8 @@ class Sink(Protocol):
 
     def log_artifacts(self, local_dir: Path) -> None: ...
 
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None: ...
+
 
 class NullSink:
     """Keeps nothing: for training outside a study."""
@@ -47,6 +50,9 @@ class NullSink:
         pass
 
     def log_artifacts(self, local_dir: Path) -> None:
+        pass
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         pass
 
 
@@ -178,27 +184,6 @@ def evaluate(method: PromptMethod, data: FewShotData, splits: dict[str, Split]) 
         out["acc/hm"] = out["acc/base"]
     method.train(was_training)
     return out
-
-
-def _save_gate_artifacts(out: Path, steps: list[int], gates: list[np.ndarray]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    trajectory = np.stack(gates)
-    np.save(out / "trajectory.npy", trajectory)
-    np.save(out / "steps.npy", np.asarray(steps))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for i in range(trajectory.shape[1]):
-        ax.plot(steps, trajectory[:, i], label=f"gate {i}")
-    ax.set(xlabel="step", ylabel="σ(g)", title="Gate activations over training", ylim=(0, 1))
-    if trajectory.shape[1] <= 16:
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "trajectory.png", dpi=100)
-    plt.close(fig)
 
 
 def temperature_at(step: int, total: int, cfg: TemperatureSpec) -> float:
@@ -376,15 +361,20 @@ def train(spec: StudySpec, sink: Sink | None = None,
     finally:
         # Whatever stopped the loop (the end, pruning, an error), what was measured is kept.
         flush()
-        _log_artifacts(sink, method, gate_steps, gate_values)
+        _log_artifacts(sink, method, gate_steps, gate_values, history, spec.logging.verdict.gap_log10)
     return TrialOutcome(final=history.final, history=history.series,
                         verdict=history.verdict(Thresholds(**spec.logging.verdict.model_dump()), spec.t_target))
 
 
-def _log_artifacts(sink: Sink, method: PromptMethod, gate_steps: list[int], gate_values: list[np.ndarray]) -> None:
+def _log_artifacts(sink: Sink, method: PromptMethod, gate_steps: list[int], gate_values: list[np.ndarray],
+                   history: MetricHistory, gap_threshold: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if gate_values:
-            _save_gate_artifacts(Path(tmp) / "gates", gate_steps, gate_values)
+            plots.gate_trajectory(Path(tmp) / "gates", gate_steps, gate_values)
+        plots.trial_plots(Path(tmp) / "plots", history.series, history.steps, gap_threshold)
         method.save_artifacts(Path(tmp))
         if any(Path(tmp).iterdir()):
             sink.log_artifacts(Path(tmp))
+    for key, images in method.images().items():  # step-aware: the UI's image slider walks through them
+        for step, image in images:
+            sink.log_image(key, image, step)

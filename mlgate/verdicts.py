@@ -60,12 +60,14 @@ class MetricHistory:
 
     def __init__(self) -> None:
         self.series: dict[str, list[float]] = {}
+        self.steps: dict[str, list[int]] = {}
         self.final: dict[str, float] = {}
 
     def add(self, rows: Sequence[tuple[int, Mapping[str, float]]]) -> None:
-        for _, metrics in rows:
+        for step, metrics in rows:
             for key, value in metrics.items():
                 self.series.setdefault(key, []).append(value)
+                self.steps.setdefault(key, []).append(step)
                 self.final[key] = value
 
     def verdict(self, thresholds: Thresholds = Thresholds(), t_target: float | None = None) -> str:

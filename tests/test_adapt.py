@@ -151,6 +151,11 @@ def test_adapt_study_lands_masks_and_the_pruned_verdict(workdir, write_spec, cap
     schedule = json.load(open(client.download_artifacts(trial.info.run_id, "adapt/pruning_schedule.json")))
     assert len(schedule["pruned"]) == 48 - 40 and {"step", "branch", "depth", "slot", "score"} <= set(schedule["pruned"][0])
     assert "flops/gflops_per_image" in trial.data.metrics
+    plots = {a.path for a in client.list_artifacts(trial.info.run_id, "plots")}
+    assert "plots/depth_lengths.png" in plots
+    # The masks as step-aware images: the UI's slider walks through training.
+    images = {a.path for a in client.list_artifacts(trial.info.run_id, "images")}
+    assert any("adapt_masks" in p for p in images)
     from mlgate.compare import main as compare
 
     capsys.readouterr()

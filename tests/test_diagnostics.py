@@ -83,12 +83,16 @@ def test_training_logs_the_vocabulary_every_step():
             rows.extend(r)
 
         def log_artifacts(self, d):
-            rows.append(("artifacts", sorted(p.name for p in d.rglob("*"))))
+            rows.append(("artifacts", sorted(str(p.relative_to(d)) for p in d.rglob("*.*"))))
+
+        def log_image(self, key, image, step):
+            rows.append(("image", key, step))
 
     outcome = train(_spec(), Keep())
     diag_steps = [s for s, m in rows if isinstance(m, dict) and "grad/gap_log10" in m]
     assert diag_steps == list(range(1, 7))
-    assert ("artifacts", ["gates", "steps.npy", "trajectory.npy", "trajectory.png"]) in rows
+    assert ("artifacts", ["gates/steps.npy", "gates/trajectory.npy", "gates/trajectory.png",
+                          "plots/gradient_gap.png"]) in rows
     for key in ("acc/val", "acc/base", "acc/novel", "acc/hm", "params/trainable", "gate/drift"):
         assert key in outcome.final
     b, n = outcome.final["acc/base"], outcome.final["acc/novel"]

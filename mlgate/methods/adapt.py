@@ -224,6 +224,11 @@ class Adapt(PromptMethod):
         (folder / "adapt").mkdir(exist_ok=True)
         (folder / "adapt" / "pruning_schedule.json").write_text(json.dumps(schedule, indent=1))
 
+    def images(self) -> dict[str, list[tuple[int, np.ndarray]]]:
+        from mlgate.plots import mask_image
+
+        return {"adapt_masks": [(step, mask_image(text, vision)) for step, text, vision in self.snapshots]}
+
     @torch.no_grad()
     def finalize(self) -> dict[str, float]:
         """Compact the prompts to their active tokens: inference compute and parameter count follow."""

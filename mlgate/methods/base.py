@@ -115,6 +115,10 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
     def save_artifacts(self, folder: Path) -> None:
         """Write method artifacts (masks, schedules) into ``folder``; they land in the trial run."""
 
+    def images(self) -> dict[str, list[tuple[int, "np.ndarray"]]]:
+        """Step-aware images to log (key → [(step, RGB uint8 array)]), e.g. ADAPT's masks."""
+        return {}
+
     def use_full_context(self) -> None:
         """Push the full 77-token context instead of trimmed prompts, as the reference trainers do
         (``mlgate bench``'s reference configuration)."""
