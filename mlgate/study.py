@@ -56,11 +56,14 @@ def make_storage(url: str | None, tracking_uri: str) -> optuna.storages.BaseStor
             f"--storage {redact(url)!r}: not an Optuna storage URL. Use sqlite:///path.db, "
             "postgresql://user@host/db, mysql://..., or journal:/path/to/file.journal."
         )
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}}
-                                          if url.startswith("sqlite") else None)
-    except Exception as exc:
-        raise MlgateError(f"--storage {redact(url)!r}: cannot open the Optuna storage ({exc}).") from None
+    kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as exc:  # noqa: BLE001 - workers starting together race to create the tables
+            error = exc
+            time.sleep(0.5 * (attempt + 1))
+    raise MlgateError(f"--storage {redact(url)!r}: cannot open the Optuna storage ({redact(str(error))}).") from None
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
