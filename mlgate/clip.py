@@ -120,8 +120,7 @@ class PromptedCLIP(nn.Module):
         layer (heterogeneous lengths); the EOT position and the causal mask follow. L may be shorter
         than the model's context length.
         """
-        cast = self.text.transformer.get_cast_dtype()
-        x = x.to(cast) + self.text.positional_embedding[: x.shape[1]].to(cast)
+        x, cast = self._text_input(x)
         eot = eot_index
         for i, block in enumerate(self.text.transformer.resblocks):
             prompt = deep[i] if 0 < i < len(deep) else None
@@ -131,6 +130,15 @@ class PromptedCLIP(nn.Module):
                 eot = eot + (prompt.shape[1] - n_prompt)
                 n_prompt = prompt.shape[1]
             x = block(x, attn_mask=self._causal_mask(x.shape[1], x.device, cast))
+        return self._text_output(x, eot)
+
+    def _text_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        # Token embeddings + positions, in the tower's compute dtype.
+        cast = self.text.transformer.get_cast_dtype()
+        return x.to(cast) + self.text.positional_embedding[: x.shape[1]].to(cast), cast
+
+    def _text_output(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        # Final norm, pooling at the EOT token, projection into the joint space.
         x = self.text.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = self.text.text_projection
@@ -205,20 +213,14 @@ class PromptedCLIP(nn.Module):
                        active: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Text features (N, E) with KV-only prompts: ``prompts[i]`` ((P, D) or None) at layer i,
         ``active[i]`` a (P,) 0/1 mask of the tokens that take part (None: all)."""
-        cast = self.text.transformer.get_cast_dtype()
-        x = x.to(cast) + self.text.positional_embedding[: x.shape[1]].to(cast)
+        x, cast = self._text_input(x)
         causal = self._causal_mask(x.shape[1], x.device, cast)
         for i, block in enumerate(self.text.transformer.resblocks):
             prompt = prompts[i] if i < len(prompts) else None
             n = 0 if prompt is None else prompt.shape[-2]
             mask = self._kv_mask(causal, x.shape[1], n, active[i] if active else None, x.device, cast)
             x = self._kv_block(block, x, prompt, mask)
-        x = self.text.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
-        proj = self.text.text_projection
-        if proj is None:
-            return x
-        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return self._text_output(x, eot_index)
 
     def encode_image_kv(self, images: torch.Tensor, prompts: Sequence[torch.Tensor | None],
                         active: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mlgate.clip import EMBEDDED_BACKBONE, PromptedCLIP
-from mlgate.shapes import BASE_CLASSES, CLASSNAMES, COLORS, NOVEL_CLASSES, POSITIONS, SHAPES, SIZES, sample_pairs
+from mlgate.shapes import BASE_CLASSES, CLASSNAMES, COLORS, POSITIONS, SHAPES, SIZES, sample_pairs
 
 WEIGHTS = Path(__file__).parent / "weights" / f"{EMBEDDED_BACKBONE}.pt"
 PROMPT = "a photo of a {}."

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mlgate.cli import main
 from mlgate.clip import load_backbone

@@ -9,7 +9,6 @@ import sys
 import time
 
 import optuna
-import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 

@@ -11,6 +11,7 @@ from abc import ABCMeta, abstractmethod
 from pathlib import Path
 from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
@@ -115,7 +116,7 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
     def save_artifacts(self, folder: Path) -> None:
         """Write method artifacts (masks, schedules) into ``folder``; they land in the trial run."""
 
-    def images(self) -> dict[str, list[tuple[int, "np.ndarray"]]]:
+    def images(self) -> dict[str, list[tuple[int, np.ndarray]]]:
         """Step-aware images to log (key → [(step, RGB uint8 array)]), e.g. ADAPT's masks."""
         return {}
 
