@@ -69,3 +69,28 @@ def test_study_and_trial_runs_render_in_the_mlflow_ui(workdir, write_spec, brows
         stop(server)
     assert all((shots / name).stat().st_size > 10_000 for name in ("study_run.png", "trial_metrics.png",
                                                                     "trial_artifact.png"))
+
+
+def test_runs_carry_the_run_context_provider_tags(workdir, write_spec, monkeypatch):
+    from mlflow.tracking.context.registry import resolve_tags
+
+    monkeypatch.setenv("MLGATE_CONTEXT", "1")
+    tags = resolve_tags()  # through the `mlflow.run_context_provider` entry point
+    assert tags["mlgate.version"] and tags["mlgate.device"] and tags["mlgate.torch"] and "mlgate.cuda" in tags
+    monkeypatch.delenv("MLGATE_CONTEXT")
+    assert "mlgate.version" not in resolve_tags()  # outside mlgate, other runs are left alone
+    write_spec(study={"n_trials": 1}, train={"steps": 300, "eval_interval": 150},
+               logging={"system_metrics_interval": 0.5})
+    assert main(["run", "tiny"]) == 0
+    _, [study], [trial] = runs_of("tiny")
+    for run in (study, trial):
+        assert run.data.tags["mlgate.version"] and run.data.tags["mlgate.torch"]
+    assert any(k.startswith("system/") for k in trial.data.metrics)  # MLflow system metrics
+
+
+def test_line_progress_when_not_a_terminal(workdir, write_spec, capsys):
+    write_spec(study={"n_trials": 1}, train={"steps": 6, "eval_interval": 3})
+    assert main(["run", "tiny"]) == 0
+    err = capsys.readouterr().err
+    assert "trial 0: step 3  acc/val=" in err and "verdict=" in err and "trial 0: COMPLETE" in err
+    assert "\x1b[" not in err  # no terminal control codes in logs
