@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mlgate.clip import EMBEDDED_BACKBONE, load_backbone
 from mlgate.errors import SpecError
 from mlgate.methods import build_method, method_class, method_names
-from mlgate.spec import _problems, parse_assignment, set_dotted
+from mlgate.spec import readable_problems, parse_assignment, set_dotted
 
 
 def method_config(name: str, overrides: list[str]):
@@ -35,7 +35,7 @@ def method_config(name: str, overrides: list[str]):
         return cls.model_validate(data)
     except ValidationError as exc:
         raise SpecError(f"method {name!r}: invalid settings.",
-                        [f"method.{p}" for p in _problems(exc)]) from None
+                        [f"method.{p}" for p in readable_problems(exc)]) from None
 
 
 def _flops(fn) -> int:

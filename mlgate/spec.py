@@ -490,7 +490,8 @@ _UNION_TAGS = {"float", "int", "categorical", "tpe", "random", "qmc", "gp", "gri
                "hyperband", "threshold", *(c.model_fields["name"].default for c in _method_classes)}
 
 
-def _problems(exc: ValidationError) -> list[str]:
+def readable_problems(exc: ValidationError) -> list[str]:
+    """One line per validation problem: the dotted field path, what is wrong, and the value given."""
     problems = []
     for err in exc.errors():
         msg = err["msg"].removeprefix("Value error, ")
@@ -508,7 +509,7 @@ def validate_data(data: dict[str, Any], source: str) -> StudySpec:
     try:
         spec = StudySpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(f"{source}: invalid study spec.", _problems(exc)) from None
+        raise SpecError(f"{source}: invalid study spec.", readable_problems(exc)) from None
     problems = _check_search_values(spec)
     if problems:
         raise SpecError(f"{source}: invalid study spec.", problems)
@@ -524,7 +525,7 @@ def _check_search_values(spec: StudySpec) -> list[str]:
             try:
                 spec.with_values({key: value})
             except ValidationError as exc:
-                detail = "; ".join(_problems(exc))
+                detail = "; ".join(readable_problems(exc))
                 problems.append(f"search.{key}: value {value!r} would make an invalid trial config ({detail})")
     return problems
 
