@@ -132,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     clip = load_backbone(args.backbone, args.pretrained, resolve_device("auto"))
     data = load_dataset(args.data, args.shots, args.seed, clip.image_norm, root=args.root)
-    result = evaluate_zero_shot(clip, data)
+    result = evaluate_zero_shot(clip, data, data.template)
     if args.json:
         print(json.dumps({"backbone": args.backbone, "data": args.data, **result}))
     else:

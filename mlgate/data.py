@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from mlgate.clip import ImageNorm
 from mlgate.errors import MlgateError
+from mlgate.folders import COOP_DATASETS, ImageSet, read_coop_split, read_image_folder
 
 BUNDLED_DATASET = "shapes"
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -23,9 +24,10 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 
 @dataclass
 class Split:
-    """Images (N, 3, H, W), already normalized for the backbone, and global class labels (N,)."""
+    """Images (N, 3, H, W) normalized for the backbone — a tensor, or an :class:`~mlgate.folders.ImageSet`
+    that reads files on demand — and global class labels (N,)."""
 
-    images: torch.Tensor
+    images: torch.Tensor | ImageSet
     labels: torch.Tensor
 
     def __len__(self) -> int:
@@ -44,6 +46,7 @@ class FewShotData:
     val: Split
     test_base: Split
     test_novel: Split
+    template: str = "a photo of a {}."  # the hand-crafted prompt of zero-shot CLIP on this dataset
 
     def summary(self) -> dict:
         """The contract's ``mlgate data summary`` object."""
@@ -84,7 +87,8 @@ def _subset(images: torch.Tensor, labels: np.ndarray, idx: np.ndarray) -> Split:
 
 def _by_classes(split: Split, classes: list[int]) -> Split:
     keep = torch.isin(split.labels, torch.tensor(classes, dtype=torch.long))
-    return Split(split.images[keep], split.labels[keep])
+    images = split.images.subset(keep) if isinstance(split.images, ImageSet) else split.images[keep]
+    return Split(images, split.labels[keep])
 
 
 def _to_model_images(gray: np.ndarray, norm: ImageNorm) -> torch.Tensor:
@@ -108,8 +112,31 @@ def _few_shot_data(name: str, classnames: list[str], images: torch.Tensor, label
     return FewShotData(
         name=name, classnames=list(classnames), base=base, novel=novel,
         train=_by_classes(train, base), val=_by_classes(val, base), test_base=_by_classes(test, base),
-        test_novel=_by_classes(test, novel) if novel else Split(test.images[:0], test.labels[:0]),
+        test_novel=_by_classes(test, novel if novel else []),
     )
+
+
+def _files_data(name: str, classnames: list[str], items: dict[str, list], norm: ImageNorm, shots: int,
+                seed: int, subsample: str, template: str) -> FewShotData:
+    # Few-shot draw from the dataset's train list (and min(K, 4) from its val list, else the train rest).
+    def as_split(rows: list) -> Split:
+        return Split(ImageSet([p for p, _ in rows], norm), torch.tensor([c for _, c in rows], dtype=torch.long))
+
+    train_labels = np.array([c for _, c in items["train"]])
+    train_idx, val_idx = few_shot_indices(train_labels, shots, seed)
+    train = as_split([items["train"][i] for i in train_idx])
+    if items.get("val"):
+        val_labels = np.array([c for _, c in items["val"]])
+        val_pick, _ = few_shot_indices(val_labels, min(shots, 4), seed)
+        val = as_split([items["val"][i] for i in val_pick])
+    else:
+        val = as_split([items["train"][i] for i in val_idx])
+    test = as_split(items["test"])
+    base, novel = (list(range(len(classnames))), []) if subsample == "all" else split_base_novel(len(classnames))
+    data = FewShotData(name=name, classnames=classnames, base=base, novel=novel, train=_by_classes(train, base),
+                       val=_by_classes(val, base), test_base=_by_classes(test, base),
+                       test_novel=_by_classes(test, novel), template=template)
+    return data
 
 
 def load_shapes_dataset(shots: int, seed: int, norm: ImageNorm, subsample: str = "base") -> FewShotData:
@@ -154,12 +181,21 @@ def load_digits_dataset(shots: int, seed: int, norm: ImageNorm, subsample: str =
 DATASETS = {"shapes": load_shapes_dataset, "digits": load_digits_dataset}
 
 
+def dataset_names() -> list[str]:
+    """Every dataset name ``data.name`` accepts."""
+    return sorted([*DATASETS, *COOP_DATASETS, "imagefolder"])
+
+
 def load_dataset(name: str, shots: int, seed: int, norm: ImageNorm, subsample: str = "base",
                  root: str | None = None) -> FewShotData:
     """The few-shot splits of dataset ``name`` prepared for a backbone's image size and normalization.
     ``root`` is the folder holding the dataset's own folder (bundled datasets need none)."""
-    if name not in DATASETS:
-        raise MlgateError(
-            f"data.name: unknown dataset {name!r}; available here: {', '.join(sorted(DATASETS))}."
-        )
-    return DATASETS[name](shots=shots, seed=seed, norm=norm, subsample=subsample)
+    if name in DATASETS:
+        return DATASETS[name](shots=shots, seed=seed, norm=norm, subsample=subsample)
+    if name in COOP_DATASETS:
+        classnames, items, template = read_coop_split(name, root)
+        return _files_data(name, classnames, items, norm, shots, seed, subsample, template)
+    if name == "imagefolder":
+        classnames, items = read_image_folder(root)
+        return _files_data(name, classnames, items, norm, shots, seed, subsample, "a photo of a {}.")
+    raise MlgateError(f"data.name: unknown dataset {name!r}; valid: {', '.join(dataset_names())}.")

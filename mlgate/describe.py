@@ -95,5 +95,12 @@ def inference_gflops(method, clip, n_classes: int) -> tuple[float, float]:
         features = clip.encode_image(images)
         return _flops(lambda: clip.encode_image(images)) + _flops(lambda: method(features, classes))
 
-    one, two = forward(1), forward(2)
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    for p in trainable:  # inference needs no autograd (and the counter's module tracker trips on it)
+        p.requires_grad_(False)
+    try:
+        one, two = forward(1), forward(2)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return (two - one) / 1e9, (2 * one - two) / 1e9

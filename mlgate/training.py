@@ -135,7 +135,10 @@ class FeatureCache:
 
     def path(self, split: Split) -> Path:
         digest = hashlib.sha1(self.key.encode())
-        digest.update(split.images.detach().cpu().contiguous().numpy().tobytes())
+        if isinstance(split.images, torch.Tensor):
+            digest.update(split.images.detach().cpu().contiguous().numpy().tobytes())
+        else:  # files read on demand: their identity and the preprocessing
+            digest.update(split.images.fingerprint().encode())
         return cache_dir() / f"{digest.hexdigest()}.pt"
 
     @torch.no_grad()
@@ -279,7 +282,8 @@ def train(spec: StudySpec, sink: Sink | None = None,
     seed_everything(cfg.seed)
 
     clip = load_backbone(spec.backbone.name, spec.backbone.pretrained, device)
-    data = load_dataset(spec.data.name, spec.data.shots, spec.data.seed, clip.image_norm, spec.data.subsample)
+    data = load_dataset(spec.data.name, spec.data.shots, spec.data.seed, clip.image_norm, spec.data.subsample,
+                        spec.data.root)
     method = build_method(spec.method, clip, data.classnames).to(device)
     raw = {"train": data.train, "val": data.val, "test_base": data.test_base, "test_novel": data.test_novel}
     if method.prompts_vision:

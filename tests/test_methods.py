@@ -306,3 +306,15 @@ def test_per_depth_gradient_and_gate_metrics(clip):
     assert m["gate/effective_length/d2"] == pytest.approx(probs[2].sum().item(), rel=1e-5)
     assert m["gate/effective_length"] == pytest.approx(probs.sum(-1).mean().item(), rel=1e-5)
     assert m["gate/depth_prob/d1"] == pytest.approx(torch.sigmoid(method.depth_gates[0]).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cocoop", "maple", "bimaple", "adaptive_bimaple"])
+def test_every_method_trains_end_to_end(name):
+    from mlgate.spec import StudySpec
+    from mlgate.training import train
+    from tests.conftest import TINY, deep_update
+
+    spec = StudySpec.model_validate(deep_update(TINY, {"method": {"name": name}, "search": {},
+                                                       "train": {"steps": 3, "eval_interval": 3}}))
+    outcome = train(spec)
+    assert outcome.final["flops/gflops_per_image"] > 0 and "acc/hm" in outcome.final

@@ -1,0 +1,158 @@
+"""Datasets on disk: the CoOp/Dassl layout with ``split_zhou_*.json`` files, and any ImageFolder.
+
+Images are loaded lazily (an :class:`ImageSet` reads a batch of files when indexed), resized on the
+short side and centre-cropped to the backbone's size with its normalization, as the references test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlgate.clip import ImageNorm
+from mlgate.errors import MlgateError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class CoOpLayout:
+    folder: str
+    images: str
+    split_file: str
+    template: str = "a photo of a {}."
+
+
+# ROOT/<folder>/<images>/... with ROOT/<folder>/<split_file> (CoOp's DATASETS.md).
+COOP_DATASETS = {
+    "eurosat": CoOpLayout("eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."),
+    "caltech101": CoOpLayout("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    "dtd": CoOpLayout("dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
+    "oxford_pets": CoOpLayout("oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet."),
+    "oxford_flowers": CoOpLayout("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
+                                 "a photo of a {}, a type of flower."),
+    "food101": CoOpLayout("food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
+    "stanford_cars": CoOpLayout("stanford_cars", "", "split_zhou_StanfordCars.json"),
+    "sun397": CoOpLayout("sun397", "SUN397", "split_zhou_SUN397.json"),
+    "ucf101": CoOpLayout("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."),
+}
+# CoOp's readable names for EuroSAT's folder names.
+EUROSAT_NAMES = {
+    "AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
+    "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
+    "SeaLake": "Sea or Lake",
+}
+
+
+def clean_classname(name: str) -> str:
+    """Folder and split names as readable text: ``sea_lake`` → ``sea lake``."""
+    return EUROSAT_NAMES.get(name, name).replace("_", " ").strip()
+
+
+class ImageSet:
+    """Image files read on demand: ``images[idx]`` (a slice, or an index tensor) is a normalized batch."""
+
+    def __init__(self, paths: list[Path], norm: ImageNorm, device: torch.device | str = "cpu") -> None:
+        self.paths, self.norm, self.device = list(paths), norm, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def fingerprint(self) -> str:
+        """Identifies the pixels: the files (path, size, mtime) and the preprocessing."""
+        h = hashlib.sha1(repr((self.norm.size, self.norm.mean, self.norm.std)).encode())
+        for p in self.paths:
+            st = p.stat()
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        return ImageSet(self.paths, self.norm, device)
+
+    def subset(self, keep: torch.Tensor) -> ImageSet:
+        return ImageSet([p for p, k in zip(self.paths, keep.tolist()) if k], self.norm, self.device)
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        if isinstance(idx, slice):
+            chosen = self.paths[idx]
+        else:
+            chosen = [self.paths[i] for i in torch.as_tensor(idx).reshape(-1).tolist()]
+        if not chosen:
+            return torch.empty(0, 3, self.norm.size, self.norm.size, device=self.device)
+        return torch.stack([self._load(p) for p in chosen]).to(self.device)
+
+    def _load(self, path: Path) -> torch.Tensor:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                scale = self.norm.size / min(w, h)
+                im = im.resize((max(self.norm.size, round(w * scale)), max(self.norm.size, round(h * scale))),
+                               Image.BICUBIC)
+                w, h = im.size
+                left, top = (w - self.norm.size) // 2, (h - self.norm.size) // 2
+                im = im.crop((left, top, left + self.norm.size, top + self.norm.size))
+                x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        except OSError as exc:
+            raise MlgateError(f"data: cannot read image {path} ({exc}).") from None
+        mean = torch.tensor(self.norm.mean).view(3, 1, 1)
+        std = torch.tensor(self.norm.std).view(3, 1, 1)
+        return (x - mean) / std
+
+
+def read_coop_split(name: str, root: str | None) -> tuple[list[str], dict[str, list[tuple[Path, int]]], str]:
+    """Class names, the train/val/test items of a CoOp-layout dataset, and its prompt template."""
+    layout = COOP_DATASETS[name]
+    if root is None:
+        raise MlgateError(f"data.root: {name} needs --root/data.root, the folder that holds "
+                          f"{layout.folder}/{layout.split_file}.")
+    base = Path(root) / layout.folder
+    split_path = base / layout.split_file
+    if not split_path.is_file():
+        raise MlgateError(f"data.root: no {split_path}; expected the CoOp layout ROOT/{layout.folder}/"
+                          f"{layout.images + '/' if layout.images else ''}... with ROOT/{layout.folder}/"
+                          f"{layout.split_file} (see CoOp's DATASETS.md).")
+    try:
+        split = json.loads(split_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MlgateError(f"data.root: {split_path} is not valid JSON ({exc}).") from None
+    names: dict[int, str] = {}
+    items: dict[str, list[tuple[Path, int]]] = {}
+    for part in ("train", "val", "test"):
+        rows = split.get(part)
+        if not isinstance(rows, list):
+            raise MlgateError(f"data.root: {split_path} has no {part!r} list of [path, label, classname].")
+        items[part] = []
+        for rel, label, classname in rows:
+            names.setdefault(int(label), clean_classname(classname))
+            items[part].append((base / layout.images / rel, int(label)))
+    missing = [str(p) for part in items.values() for p, _ in part if not p.is_file()][:3]
+    if missing:
+        raise MlgateError(f"data.root: images listed in {split_path} are missing, e.g. {', '.join(missing)}.")
+    return [names[i] for i in sorted(names)], items, layout.template
+
+
+def read_image_folder(root: str | None) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    """``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*`` (and optionally ``ROOT/val/<class>/*``)."""
+    if root is None or not (Path(root) / "train").is_dir() or not (Path(root) / "test").is_dir():
+        raise MlgateError(f"data.root: imagefolder expects ROOT/train/<class>/* and ROOT/test/<class>/* "
+                          f"(optionally ROOT/val/<class>/*); got {root!r}.")
+    classes = sorted(d.name for d in (Path(root) / "train").iterdir() if d.is_dir())
+    index = {c: i for i, c in enumerate(classes)}
+    items: dict[str, list[tuple[Path, int]]] = {}
+    for part in ("train", "val", "test"):
+        folder = Path(root) / part
+        items[part] = [(p, index[d.name]) for d in sorted(folder.iterdir()) if d.is_dir() and d.name in index
+                       for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
+    if not items["train"]:
+        raise MlgateError(f"data.root: no images under {root}/train/<class>/.")
+    return [clean_classname(c) for c in classes], items
