@@ -44,16 +44,16 @@ class Sink(Protocol):
 
 
 class NullSink:
-    """Keeps nothing: for training outside a study."""
+    """Keeps nothing: for training outside a study (the returned outcome still has every metric)."""
 
     def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        pass
+        """Dropped."""
 
     def log_artifacts(self, local_dir: Path) -> None:
-        pass
+        """Dropped."""
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
-        pass
+        """Dropped."""
 
 
 @dataclass
