@@ -262,6 +262,17 @@ def _quiet_random_init():
         root.removeFilter(drop)
 
 
+@contextlib.contextmanager
+def _quiet_download_errors():
+    # open_clip and huggingface_hub log each failed download attempt; the error mlgate raises says it once.
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def embedded_weights_info() -> dict:
     """Checksum, training settings and zero-shot figures recorded with the shipped weights."""
     import json
@@ -304,8 +315,6 @@ def load_backbone(name: str, pretrained: str | None, device: torch.device | str 
     ``pretrained`` is an open_clip pretrained tag (``openai``), a local checkpoint path, or None for
     random init. Loading problems become :class:`MlgateError` naming the weights.
     """
-    if pretrained == EMBEDDED_WEIGHTS:
-        return _load_embedded(name, device)
     if name not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if name.lower().split("-")[0] in m.lower()][:8]
         hint = f" Close matches: {', '.join(close)}." if close else ""
@@ -313,8 +322,10 @@ def load_backbone(name: str, pretrained: str | None, device: torch.device | str 
             f"backbone.name: unknown open_clip model {name!r}.{hint} The embedded default is "
             f"{EMBEDDED_BACKBONE!r}; `python -c 'import open_clip; print(open_clip.list_models())'` lists all."
         )
+    if pretrained == EMBEDDED_WEIGHTS:
+        return _load_embedded(name, device)
     try:
-        with _quiet_random_init():
+        with _quiet_random_init(), _quiet_download_errors():
             model = open_clip.create_model(
                 name, pretrained=pretrained, device=device, require_pretrained=pretrained is not None
             )

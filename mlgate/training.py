@@ -260,9 +260,11 @@ def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, gr
 
 
 def preflight(spec: StudySpec) -> None:
-    """Build the backbone and method once on the CPU, so a spec that cannot train (a depth beyond the
-    backbone's layers, a ctx_init of the wrong length, missing weights) fails before any trial starts."""
+    """Build the backbone, the data and the method once on the CPU, so a spec that cannot train (missing
+    weights, a wrong dataset layout, a depth beyond the backbone's layers, a ctx_init of the wrong
+    length) fails before any trial starts."""
     clip = load_backbone(spec.backbone.name, spec.backbone.pretrained, "cpu")
+    load_dataset(spec.data.name, spec.data.shots, spec.data.seed, clip.image_norm, spec.data.subsample, spec.data.root)
     try:
         build_method(spec.method, clip, ["a", "b"])
     except ValueError as exc:

@@ -150,3 +150,18 @@ def test_mlflow_run_through_the_mlproject(workdir, write_spec, same_experiment):
     else:
         assert project[0].data.tags["mlgate.study_run_id"] == study.info.run_id
         assert study.data.tags["mlgate.project_run_id"] == project[0].info.run_id
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("backbone.name=ViT-Q-99", "unknown open_clip model"),
+    ("data.name=eurosat", "data.root"),
+    ("method.ctx_init=a photo", "has 2 tokens but n_ctx is 4"),
+    ("study.objective=acc/foo", "not reported at evaluation"),
+])
+def test_a_spec_that_cannot_train_fails_before_any_trial(workdir, write_spec, capsys, override, expected):
+    path = write_spec()
+    assert main(["run", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert client.get_experiment_by_name("tiny") is None  # nothing was started, nothing half-logged
