@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from mlgate.clip import ImageNorm
 from mlgate.errors import MlgateError
-from mlgate.folders import COOP_DATASETS, ImageSet, read_coop_split, read_image_folder
+from mlgate.folders import COOP_DATASETS, ImageSet, read_coop_split, read_image_folder, read_imagenet
 
 BUNDLED_DATASET = "shapes"
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -183,7 +183,7 @@ DATASETS = {"shapes": load_shapes_dataset, "digits": load_digits_dataset}
 
 def dataset_names() -> list[str]:
     """Every dataset name ``data.name`` accepts."""
-    return sorted([*DATASETS, *COOP_DATASETS, "imagefolder"])
+    return sorted([*DATASETS, *COOP_DATASETS, "imagenet", "imagefolder"])
 
 
 def load_dataset(name: str, shots: int, seed: int, norm: ImageNorm, subsample: str = "base",
@@ -195,6 +195,9 @@ def load_dataset(name: str, shots: int, seed: int, norm: ImageNorm, subsample: s
     if name in COOP_DATASETS:
         classnames, items, template = read_coop_split(name, root)
         return _files_data(name, classnames, items, norm, shots, seed, subsample, template)
+    if name == "imagenet":
+        classnames, items = read_imagenet(root)
+        return _files_data(name, classnames, items, norm, shots, seed, subsample, "a photo of a {}.")
     if name == "imagefolder":
         classnames, items = read_image_folder(root)
         return _files_data(name, classnames, items, norm, shots, seed, subsample, "a photo of a {}.")

@@ -57,27 +57,40 @@ def clean_classname(name: str) -> str:
 
 
 class ImageSet:
-    """Image files read on demand: ``images[idx]`` (a slice, or an index tensor) is a normalized batch."""
+    """Image files read on demand: ``images[idx]`` (a slice, or an index tensor) is a normalized batch.
 
-    def __init__(self, paths: list[Path], norm: ImageNorm, device: torch.device | str = "cpu") -> None:
+    Test-time preprocessing: short-side resize and centre crop. With ``augment`` (training), the
+    references' augmentation instead: a random resized crop (scale 0.08–1, aspect 3/4–4/3) and a random
+    horizontal flip, drawn from a seeded generator.
+    """
+
+    def __init__(self, paths: list[Path], norm: ImageNorm, device: torch.device | str = "cpu",
+                 augment: bool = False, seed: int = 0) -> None:
         self.paths, self.norm, self.device = list(paths), norm, torch.device(device)
+        self.augment, self.seed = augment, seed
+        self._rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def fingerprint(self) -> str:
         """Identifies the pixels: the files (path, size, mtime) and the preprocessing."""
-        h = hashlib.sha1(repr((self.norm.size, self.norm.mean, self.norm.std)).encode())
+        h = hashlib.sha1(repr((self.norm.size, self.norm.mean, self.norm.std, self.augment)).encode())
         for p in self.paths:
             st = p.stat()
             h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
         return h.hexdigest()
 
     def to(self, device: torch.device | str) -> ImageSet:
-        return ImageSet(self.paths, self.norm, device)
+        return ImageSet(self.paths, self.norm, device, self.augment, self.seed)
 
     def subset(self, keep: torch.Tensor) -> ImageSet:
-        return ImageSet([p for p, k in zip(self.paths, keep.tolist()) if k], self.norm, self.device)
+        return ImageSet([p for p, k in zip(self.paths, keep.tolist()) if k], self.norm, self.device,
+                        self.augment, self.seed)
+
+    def augmented(self, seed: int) -> ImageSet:
+        """The same files with training augmentation."""
+        return ImageSet(self.paths, self.norm, self.device, True, seed)
 
     def __getitem__(self, idx: Any) -> torch.Tensor:
         if isinstance(idx, slice):
@@ -88,25 +101,50 @@ class ImageSet:
             return torch.empty(0, 3, self.norm.size, self.norm.size, device=self.device)
         return torch.stack([self._load(p) for p in chosen]).to(self.device)
 
+    def _center(self, im):
+        from PIL import Image
+
+        w, h = im.size
+        scale = self.norm.size / min(w, h)
+        im = im.resize((max(self.norm.size, round(w * scale)), max(self.norm.size, round(h * scale))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - self.norm.size) // 2, (h - self.norm.size) // 2
+        return im.crop((left, top, left + self.norm.size, top + self.norm.size))
+
+    def _random_resized_crop(self, im):
+        from PIL import Image
+
+        box = _crop_box(*im.size, self._rng)
+        if box is None:
+            return self._center(im)
+        return im.crop(box).resize((self.norm.size, self.norm.size), Image.BICUBIC)
+
     def _load(self, path: Path) -> torch.Tensor:
         from PIL import Image
 
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                scale = self.norm.size / min(w, h)
-                im = im.resize((max(self.norm.size, round(w * scale)), max(self.norm.size, round(h * scale))),
-                               Image.BICUBIC)
-                w, h = im.size
-                left, top = (w - self.norm.size) // 2, (h - self.norm.size) // 2
-                im = im.crop((left, top, left + self.norm.size, top + self.norm.size))
+                im = self._random_resized_crop(im.convert("RGB")) if self.augment else self._center(im.convert("RGB"))
+                if self.augment and self._rng.random() < 0.5:
+                    im = im.transpose(Image.FLIP_LEFT_RIGHT)
                 x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
         except OSError as exc:
             raise MlgateError(f"data: cannot read image {path} ({exc}).") from None
         mean = torch.tensor(self.norm.mean).view(3, 1, 1)
         std = torch.tensor(self.norm.std).view(3, 1, 1)
         return (x - mean) / std
+
+
+def _crop_box(w: int, h: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+    # A random area (8%–100%) and aspect ratio (3/4–4/3) that fits the image; None after 10 misses.
+    for _ in range(10):
+        area = w * h * rng.uniform(0.08, 1.0)
+        aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+        cw, ch = round((area * aspect) ** 0.5), round((area / aspect) ** 0.5)
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return left, top, left + cw, top + ch
+    return None
 
 
 def read_coop_split(name: str, root: str | None) -> tuple[list[str], dict[str, list[tuple[Path, int]]], str]:
@@ -139,6 +177,33 @@ def read_coop_split(name: str, root: str | None) -> tuple[list[str], dict[str, l
     if missing:
         raise MlgateError(f"data.root: images listed in {split_path} are missing, e.g. {', '.join(missing)}.")
     return [names[i] for i in sorted(names)], items, layout.template
+
+
+def read_imagenet(root: str | None) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    """CoOp's ImageNet layout: ``ROOT/imagenet/images/{train,val}/nXXXXXXXX/*`` and
+    ``ROOT/imagenet/classnames.txt`` (lines ``nXXXXXXXX class name``); val serves as val and test."""
+    base = Path(root or "") / "imagenet"
+    names_file = base / "classnames.txt"
+    if root is None or not names_file.is_file() or not (base / "images" / "train").is_dir():
+        raise MlgateError(f"data.root: imagenet expects ROOT/imagenet/images/train/<wnid>/*, "
+                          f"ROOT/imagenet/images/val/<wnid>/* and ROOT/imagenet/classnames.txt; got {root!r}.")
+    wnids, names = [], []
+    for line in names_file.read_text().splitlines():
+        if line.strip():
+            wnid, _, name = line.strip().partition(" ")
+            wnids.append(wnid)
+            names.append(name.strip() or wnid)
+    index = {w: i for i, w in enumerate(wnids)}
+    items: dict[str, list[tuple[Path, int]]] = {}
+    for part in ("train", "val"):
+        folder = base / "images" / part
+        items[part] = [(p, index[d.name]) for d in sorted(folder.iterdir()) if d.is_dir() and d.name in index
+                       for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
+    if not items["val"]:
+        raise MlgateError(f"data.root: no images in {base}/images/val/<wnid>/ (CoOp uses val as the test set; "
+                          "its images must be in class folders).")
+    items["test"] = items["val"]
+    return names, items
 
 
 def read_image_folder(root: str | None) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:

@@ -199,6 +199,9 @@ class DataSpec(StrictModel):
     root: str | None = Field(None, description="Folder that holds the dataset's own folder.")
     shots: int = Field(16, ge=1, description="Training images per class (K).")
     seed: int = Field(1, description="Seed of the few-shot draw.")
+    augment: bool = Field(
+        True, description="Training augmentation (random resized crop + flip) for image files, when the "
+        "method prompts the vision tower (frozen-feature methods use the cached test-time view).")
     subsample: Literal["base", "all"] = Field(
         "base", description="Train on base classes and test base+novel, or train and test on all classes."
     )

@@ -25,6 +25,7 @@ from mlgate.clip import PromptedCLIP, load_backbone
 from mlgate.describe import inference_gflops
 from mlgate.data import FewShotData, Split, load_dataset
 from mlgate.errors import MlgateError
+from mlgate.folders import ImageSet
 from mlgate.diagnostics import Diagnostics, binary_entropy
 from mlgate.methods import PromptMethod, build_method
 from mlgate.spec import PhasesSpec, StudySpec, TemperatureSpec, TrainSpec
@@ -289,6 +290,8 @@ def train(spec: StudySpec, sink: Sink | None = None,
     method = build_method(spec.method, clip, data.classnames).to(device)
     raw = {"train": data.train, "val": data.val, "test_base": data.test_base, "test_novel": data.test_novel}
     if method.prompts_vision:
+        if spec.data.augment and isinstance(raw["train"].images, ImageSet):
+            raw["train"] = Split(raw["train"].images.augmented(cfg.seed), raw["train"].labels)
         splits = {k: Split(s.images.to(device), s.labels.to(device)) for k, s in raw.items()}
     else:
         cache = FeatureCache(clip, device, spec.backbone.pretrained)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -94,3 +95,31 @@ def test_layout_errors_say_what_was_expected_where(tmp_path, capsys):
         {"train": [["Forest/missing.jpg", 0, "Forest"]], "val": [], "test": []}))
     with pytest.raises(MlgateError, match="missing"):
         load_dataset("eurosat", 1, 1, load_backbone("mlgate-tiny", None).image_norm, root=str(tmp_path))
+
+
+def test_imagenet_layout(tmp_path, capsys):
+    wnids = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark"}
+    for label, wnid in enumerate(wnids):
+        for part, count in (("train", 5), ("val", 3)):
+            for i in range(count):
+                _image(tmp_path / "imagenet" / "images" / part / wnid / f"{i}.JPEG", list(COLORS)[label], i)
+    (tmp_path / "imagenet" / "classnames.txt").write_text("".join(f"{w} {n}\n" for w, n in wnids.items()))
+    assert main(["data", "summary", "--data", "imagenet", "--root", str(tmp_path), "--shots", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["base_classes"] == ["tench", "goldfish"] and summary["novel_classes"] == ["great white shark"]
+    assert summary["splits"] == {"train": 4, "val": 4, "test_base": 6, "test_novel": 3}
+    assert main(["data", "summary", "--data", "imagenet", "--root", str(tmp_path / "nothing")]) == 2
+    assert "classnames.txt" in capsys.readouterr().err
+
+
+def test_training_augmentation_varies_views_and_is_seeded(eurosat_root):
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    data = load_dataset("eurosat", 4, 1, clip.image_norm, root=str(eurosat_root))
+    plain = data.train.images
+    views = [plain.augmented(seed=0)[0:4] for _ in range(2)]
+    torch.testing.assert_close(views[0], views[1])  # same seed, same views
+    again = plain.augmented(seed=0)
+    first, second = again[0:4], again[0:4]
+    assert not torch.allclose(first, second)  # a fresh crop and flip on every access
+    torch.testing.assert_close(plain[0:4], plain[0:4])  # test-time view is fixed
+    assert first.shape == plain[0:4].shape
