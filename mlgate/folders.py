@@ -180,8 +180,8 @@ def read_coop_split(name: str, root: str | None) -> tuple[list[str], dict[str, l
 
 
 def read_imagenet(root: str | None) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
-    """CoOp's ImageNet layout: ``ROOT/imagenet/images/{train,val}/nXXXXXXXX/*`` and
-    ``ROOT/imagenet/classnames.txt`` (lines ``nXXXXXXXX class name``); val serves as val and test."""
+    """CoOp's ImageNet layout: ``ROOT/imagenet/images/{train,val}/<wnid>/*`` and
+    ``ROOT/imagenet/classnames.txt`` (lines ``<wnid> <class name>``, e.g. ``n01440764 tench``); val serves as val and test."""
     base = Path(root or "") / "imagenet"
     names_file = base / "classnames.txt"
     if root is None or not names_file.is_file() or not (base / "images" / "train").is_dir():
