@@ -153,6 +153,11 @@ class PromptedCLIP(nn.Module):
         return torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu(1)
 
     @property
+    def num_layers(self) -> int:
+        """Layers that both towers have (the deepest a per-layer prompt can go)."""
+        return min(len(self.text.transformer.resblocks), len(self.model.visual.transformer.resblocks))
+
+    @property
     def vision_width(self) -> int:
         return self.model.visual.conv1.out_channels
 

@@ -66,10 +66,8 @@ class Adapt(PromptMethod):
     prompts_vision = True
 
     def __init__(self, clip, classnames: list[str], cfg: AdaptConfig) -> None:
-        super().__init__()
-        object.__setattr__(self, "clip", clip)
-        self.cfg = cfg
-        layers = min(len(clip.text.transformer.resblocks), len(clip.model.visual.transformer.resblocks))
+        super().__init__(clip, cfg)
+        layers = clip.num_layers
         if cfg.depth is not None and cfg.depth > layers:
             raise ValueError(f"method.depth {cfg.depth} exceeds the {layers} layers of backbone {clip.name!r}")
         self.depth = cfg.depth or layers

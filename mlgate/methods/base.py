@@ -75,6 +75,11 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
 
     Config: ClassVar[type[MethodConfig]]
     prompts_vision: ClassVar[bool] = False
+
+    def __init__(self, clip, cfg: MethodConfig) -> None:
+        super().__init__()
+        object.__setattr__(self, "clip", clip)  # frozen backbone: used, not owned (no params, no state)
+        self.cfg = cfg
     #: Temperature T of the gate sigmoid σ(g/T); the trainer anneals it when the spec asks.
     gate_temperature: float = 1.0
 

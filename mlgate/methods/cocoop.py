@@ -36,9 +36,7 @@ class CoCoOp(PromptMethod):
     prompts_vision = False
 
     def __init__(self, clip, classnames: list[str], cfg: CoCoOpConfig) -> None:
-        super().__init__()
-        object.__setattr__(self, "clip", clip)
-        self.cfg = cfg
+        super().__init__(clip, cfg)
         self.tokens = ClassTokens(clip, classnames, cfg.n_ctx)
         self.ctx = nn.Parameter(init_context(clip, cfg.n_ctx, cfg.ctx_init))
         feature_dim, width = clip.model.visual.output_dim, clip.text_width

@@ -36,9 +36,7 @@ class CoOp(PromptMethod):
     prompts_vision = False
 
     def __init__(self, clip, classnames: list[str], cfg: CoOpConfig) -> None:
-        super().__init__()
-        object.__setattr__(self, "clip", clip)  # frozen backbone: used, not owned (no params, no state)
-        self.cfg = cfg
+        super().__init__(clip, cfg)
         self.tokens = ClassTokens(clip, classnames, cfg.n_ctx)
         self.ctx = nn.Parameter(init_context(clip, cfg.n_ctx, cfg.ctx_init, (len(classnames),) if cfg.csc else ()))
         self.gates = (nn.Parameter(init_gate_logits(cfg.n_ctx, cfg.gate).to(self.ctx.device))

@@ -32,7 +32,7 @@ class MaPLeConfig(MethodConfig):
 
 def resolve_depth(clip, cfg: MaPLeConfig) -> int:
     """``cfg.depth``, or the method's reference depth capped at the backbone's layer count."""
-    layers = min(len(clip.text.transformer.resblocks), len(clip.model.visual.transformer.resblocks))
+    layers = clip.num_layers
     if cfg.depth is None:
         return min(cfg.default_depth, layers)
     if cfg.depth > layers:
@@ -46,9 +46,7 @@ class MaPLe(PromptMethod):
     prompts_vision = True
 
     def __init__(self, clip, classnames: list[str], cfg: MaPLeConfig) -> None:
-        super().__init__()
-        object.__setattr__(self, "clip", clip)
-        self.cfg = cfg
+        super().__init__(clip, cfg)
         self.depth = resolve_depth(clip, cfg)
         d_text, d_vision = clip.text_width, clip.vision_width
         self.tokens = ClassTokens(clip, classnames, cfg.n_ctx)
