@@ -81,6 +81,8 @@ class Adapt(PromptMethod):
         self.register_buffer("vision_mask", torch.ones(shape, device=device))
         self.register_buffer("text_scores", torch.zeros(shape, device=device))
         self.register_buffer("vision_scores", torch.zeros(shape, device=device))
+        # Active-token count kept on the host, so the per-step check costs no device sync; prune() keeps it.
+        self._active = 2 * self.depth * cfg.max_len
         self.schedule: PruningSchedule | None = None
         self.pruned: list[dict] = []  # the pruning log: which token, when, its score
         self.snapshots: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -161,7 +163,7 @@ class Adapt(PromptMethod):
         return score(self.text_prompts).detach(), score(self.vision_prompts).detach()
 
     def on_backward(self, step: int) -> None:
-        if self.active_tokens() > self.cfg.t_target:
+        if self._active > self.cfg.t_target:
             text, vision = self.token_scores()
             self.text_scores += text
             self.vision_scores += vision
@@ -171,7 +173,7 @@ class Adapt(PromptMethod):
             self.schedule = PruningSchedule(self.text_mask.numel() * 2, self.cfg, total_steps)
         if not self.schedule.is_prune_step(step):
             return
-        excess = self.active_tokens() - self.cfg.t_target
+        excess = self._active - self.cfg.t_target
         if excess > 0:
             self.prune(min(self.schedule.r_p, excess), step)
         self.text_scores.zero_()
@@ -189,6 +191,7 @@ class Adapt(PromptMethod):
             branch, idx = ("text", flat) if flat < half else ("vision", flat - half)
             depth, slot = divmod(idx, self.cfg.max_len)
             getattr(self, f"{branch}_mask")[depth, slot] = 0.0
+            self._active -= 1
             self.pruned.append({"step": step, "branch": branch, "depth": depth, "slot": slot,
                                 "score": float(scores[flat])})
 
