@@ -312,7 +312,8 @@ def run_study(spec: StudySpec, tracking_uri: str | None = None, storage: str | N
     Returns the study summary (also logged to the study run).
     """
     progress = progress or Progress(spec.study.n_trials, live=False)
-    preflight(spec)
+    if close:  # (a worker of --workers: its parent has already checked the spec)
+        preflight(spec)
     study, tracker = open_study(spec, tracking_uri, storage)
     progress.echo(f"study {spec.name}: {count_finished(study)}/{spec.study.n_trials} trials finished; experiment "
                   f"{spec.experiment_name!r} at {redact(tracker.tracking_uri)}")
