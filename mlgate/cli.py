@@ -11,9 +11,13 @@ import os
 import shlex
 import sys
 import threading
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from mlgate.errors import MlgateError, StudyFailed
+
+if TYPE_CHECKING:  # torch-heavy modules load lazily, so `mlgate --help` stays fast
+    from mlgate.clip import ImageNorm
+    from mlgate.data import FewShotData
 
 
 def _trials(text: str) -> int | None:
@@ -124,14 +128,34 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    # The dataset options `eval` and `data summary` share (the data section of a spec).
+    parser.add_argument("--data", default="shapes", help="dataset name")
+    parser.add_argument("--root", help="folder holding the dataset's own folder")
+    parser.add_argument("--source", choices=["coop", "torchvision"], default="coop",
+                        help="layout under --root: CoOp's (split_zhou JSON) or torchvision's")
+    parser.add_argument("--download", action="store_true", help="with --source torchvision: download into --root")
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", action="store_true")
+
+
+def _load_data(args: argparse.Namespace, norm: ImageNorm) -> FewShotData:
+    from mlgate.data import load_dataset
+
+    if args.download and args.source != "torchvision":
+        raise MlgateError("--download needs --source torchvision (the CoOp layout is prepared by hand).")
+    return load_dataset(args.data, args.shots, args.seed, norm, root=args.root, source=args.source,
+                        download=args.download)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from mlgate.clip import load_backbone
-    from mlgate.data import load_dataset
     from mlgate.training import resolve_device
     from mlgate.zeroshot import evaluate_zero_shot
 
     clip = load_backbone(args.backbone, args.pretrained, resolve_device("auto"))
-    data = load_dataset(args.data, args.shots, args.seed, clip.image_norm, root=args.root)
+    data = _load_data(args, clip.image_norm)
     result = evaluate_zero_shot(clip, data, data.template)
     if args.json:
         print(json.dumps({"backbone": args.backbone, "data": args.data, **result}))
@@ -144,9 +168,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_data_summary(args: argparse.Namespace) -> int:
     from mlgate.clip import ImageNorm
-    from mlgate.data import load_dataset
 
-    data = load_dataset(args.data, args.shots, args.seed, ImageNorm(32, (0.5,) * 3, (0.5,) * 3), root=args.root)
+    data = _load_data(args, ImageNorm(32, (0.5,) * 3, (0.5,) * 3))
     summary = data.summary()
     if args.json:
         print(json.dumps(summary))
@@ -217,21 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backbone", default="mlgate-tiny", help="open_clip model name")
     ev.add_argument("--pretrained", default="mlgate", help="pretrained tag or checkpoint path ('mlgate' for the "
                     "embedded weights)")
-    ev.add_argument("--data", default="shapes", help="dataset name")
-    ev.add_argument("--root", help="folder holding the dataset's own folder")
-    ev.add_argument("--shots", type=int, default=16)
-    ev.add_argument("--seed", type=int, default=1)
-    ev.add_argument("--json", action="store_true")
+    _data_arguments(ev)
     ev.set_defaults(func=cmd_eval)
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     summ = data_sub.add_parser("summary", help="what the few-shot protocol will use")
-    summ.add_argument("--data", default="shapes")
-    summ.add_argument("--root")
-    summ.add_argument("--shots", type=int, default=16)
-    summ.add_argument("--seed", type=int, default=1)
-    summ.add_argument("--json", action="store_true")
+    _data_arguments(summ)
     summ.set_defaults(func=cmd_data_summary)
 
     b = sub.add_parser("bench", help="training-step speed in four configurations, measured in one run")

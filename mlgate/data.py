@@ -7,8 +7,12 @@ only, and evaluation reports base and novel test accuracy.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +20,7 @@ import torch.nn.functional as F
 
 from mlgate.clip import ImageNorm
 from mlgate.errors import MlgateError
-from mlgate.folders import COOP_DATASETS, ImageSet, read_coop_split, read_image_folder, read_imagenet
+from mlgate.folders import FILE_READERS, ImageSet, Listing
 
 BUNDLED_DATASET = "shapes"
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -116,27 +120,66 @@ def _few_shot_data(name: str, classnames: list[str], images: torch.Tensor, label
     )
 
 
-def _files_data(name: str, classnames: list[str], items: dict[str, list], norm: ImageNorm, shots: int,
-                seed: int, subsample: str, template: str) -> FewShotData:
-    # Few-shot draw from the dataset's train list (and min(K, 4) from its val list, else the train rest).
+def cache_root() -> Path:
+    """mlgate's cache folder ($MLGATE_CACHE_DIR, else ~/.cache/mlgate)."""
+    return Path(os.environ.get("MLGATE_CACHE_DIR") or Path.home() / ".cache" / "mlgate")
+
+
+def _draw_file(listing: Listing, shots: int, seed: int) -> Path:
+    # CoOp's place for the draw (ROOT/<dataset>/split_fewshot/), or mlgate's cache where that is read-only.
+    name = f"shot_{shots}-seed_{seed}.json"
+    folder = listing.folder / "split_fewshot"
+    try:
+        folder.mkdir(exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder / name
+    except OSError:
+        pass
+    return cache_root() / "fewshot" / hashlib.sha1(str(listing.folder.resolve()).encode()).hexdigest()[:16] / name
+
+
+def few_shot_draw(listing: Listing, shots: int, seed: int) -> dict[str, list[tuple[Path, int]]]:
+    """K training shots per class from the dataset's train list, and min(K, 4) validation shots from its val
+    list (else from the rest of train), drawn with ``seed`` once and then read back from
+    ``<dataset>/split_fewshot/shot_K-seed_S.json``: every method and trial sees the same images. The file
+    records a digest of the lists it was drawn from, so a changed dataset gets a fresh draw."""
+    digest = hashlib.sha1(repr([(str(p), c) for part in ("train", "val") for p, c in listing.items[part]]).encode())
+    path = _draw_file(listing, shots, seed)
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("source_digest") == digest.hexdigest():
+                return {part: [(listing.folder / rel, int(c)) for rel, c in saved[part]] for part in ("train", "val")}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass  # unreadable: draw again and overwrite
+    train_labels = np.array([c for _, c in listing.items["train"]])
+    train_idx, rest_idx = few_shot_indices(train_labels, shots, seed)
+    draw = {"train": [listing.items["train"][i] for i in train_idx]}
+    if listing.items.get("val"):
+        val_pick, _ = few_shot_indices(np.array([c for _, c in listing.items["val"]]), min(shots, 4), seed)
+        draw["val"] = [listing.items["val"][i] for i in val_pick]
+    else:
+        draw["val"] = [listing.items["train"][i] for i in rest_idx]
+    record = {"shots": shots, "seed": seed, "source_digest": digest.hexdigest(),
+              **{part: [[os.path.relpath(p, listing.folder), c] for p, c in rows] for part, rows in draw.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)  # atomic: workers drawing at once write the same content
+    return draw
+
+
+def _files_data(name: str, listing: Listing, norm: ImageNorm, shots: int, seed: int, subsample: str) -> FewShotData:
     def as_split(rows: list) -> Split:
         return Split(ImageSet([p for p, _ in rows], norm), torch.tensor([c for _, c in rows], dtype=torch.long))
 
-    train_labels = np.array([c for _, c in items["train"]])
-    train_idx, val_idx = few_shot_indices(train_labels, shots, seed)
-    train = as_split([items["train"][i] for i in train_idx])
-    if items.get("val"):
-        val_labels = np.array([c for _, c in items["val"]])
-        val_pick, _ = few_shot_indices(val_labels, min(shots, 4), seed)
-        val = as_split([items["val"][i] for i in val_pick])
-    else:
-        val = as_split([items["train"][i] for i in val_idx])
-    test = as_split(items["test"])
-    base, novel = (list(range(len(classnames))), []) if subsample == "all" else split_base_novel(len(classnames))
-    data = FewShotData(name=name, classnames=classnames, base=base, novel=novel, train=_by_classes(train, base),
-                       val=_by_classes(val, base), test_base=_by_classes(test, base),
-                       test_novel=_by_classes(test, novel), template=template)
-    return data
+    draw = few_shot_draw(listing, shots, seed)
+    train, val, test = as_split(draw["train"]), as_split(draw["val"]), as_split(listing.items["test"])
+    n = len(listing.classnames)
+    base, novel = (list(range(n)), []) if subsample == "all" else split_base_novel(n)
+    return FewShotData(name=name, classnames=listing.classnames, base=base, novel=novel,
+                       train=_by_classes(train, base), val=_by_classes(val, base), test_base=_by_classes(test, base),
+                       test_novel=_by_classes(test, novel), template=listing.template)
 
 
 def load_shapes_dataset(shots: int, seed: int, norm: ImageNorm, subsample: str = "base") -> FewShotData:
@@ -183,22 +226,22 @@ DATASETS = {"shapes": load_shapes_dataset, "digits": load_digits_dataset}
 
 def dataset_names() -> list[str]:
     """Every dataset name ``data.name`` accepts."""
-    return sorted([*DATASETS, *COOP_DATASETS, "imagenet", "imagefolder"])
+    return sorted([*DATASETS, *FILE_READERS])
 
 
 def load_dataset(name: str, shots: int, seed: int, norm: ImageNorm, subsample: str = "base",
-                 root: str | None = None) -> FewShotData:
+                 root: str | None = None, source: str = "coop", download: bool = False) -> FewShotData:
     """The few-shot splits of dataset ``name`` prepared for a backbone's image size and normalization.
-    ``root`` is the folder holding the dataset's own folder (bundled datasets need none)."""
+    ``root`` is the folder holding the dataset's own folder (bundled datasets need none); ``source`` says
+    how it is laid out there: CoOp's layout, or torchvision's (which may ``download`` it)."""
     if name in DATASETS:
         return DATASETS[name](shots=shots, seed=seed, norm=norm, subsample=subsample)
-    if name in COOP_DATASETS:
-        classnames, items, template = read_coop_split(name, root)
-        return _files_data(name, classnames, items, norm, shots, seed, subsample, template)
-    if name == "imagenet":
-        classnames, items = read_imagenet(root)
-        return _files_data(name, classnames, items, norm, shots, seed, subsample, "a photo of a {}.")
-    if name == "imagefolder":
-        classnames, items = read_image_folder(root)
-        return _files_data(name, classnames, items, norm, shots, seed, subsample, "a photo of a {}.")
-    raise MlgateError(f"data.name: unknown dataset {name!r}; valid: {', '.join(dataset_names())}.")
+    if name not in FILE_READERS:
+        raise MlgateError(f"data.name: unknown dataset {name!r}; valid: {', '.join(dataset_names())}.")
+    if source == "torchvision":
+        from mlgate.tvdata import read_torchvision
+
+        listing = read_torchvision(name, root, download)
+    else:
+        listing = FILE_READERS[name](root)
+    return _files_data(name, listing, norm, shots, seed, subsample)

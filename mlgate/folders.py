@@ -1,4 +1,5 @@
-"""Datasets on disk: the CoOp/Dassl layout with ``split_zhou_*.json`` files, and any ImageFolder.
+"""Datasets on disk: the CoOp/Dassl layout with ``split_zhou_*.json`` files (FGVC-Aircraft with its
+text splits), ImageNet's CoOp folder layout, and any ImageFolder. Every reader returns a :class:`Listing`.
 
 Images are loaded lazily (an :class:`ImageSet` reads a batch of files when indexed), resized on the
 short side and centre-cropped to the backbone's size with its normalization, as the references test.
@@ -19,6 +20,18 @@ from mlgate.clip import ImageNorm
 from mlgate.errors import MlgateError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class Listing:
+    """What a dataset on disk holds: readable class names (by label), the ``train``/``val``/``test`` items
+    as ``(image path, label)`` (``val`` may be empty), the dataset's prompt template, and its own folder
+    (where the few-shot draws are cached, as CoOp's ``split_fewshot/``)."""
+
+    classnames: list[str]
+    items: dict[str, list[tuple[Path, int]]]
+    template: str
+    folder: Path
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,7 @@ COOP_DATASETS = {
     "sun397": CoOpLayout("sun397", "SUN397", "split_zhou_SUN397.json"),
     "ucf101": CoOpLayout("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."),
 }
+AIRCRAFT_TEMPLATE = "a photo of a {}, a type of aircraft."
 # CoOp's readable names for EuroSAT's folder names.
 EUROSAT_NAMES = {
     "AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
@@ -74,8 +88,10 @@ class ImageSet:
         return len(self.paths)
 
     def fingerprint(self) -> str:
-        """Identifies the pixels: the files (path, size, mtime) and the preprocessing."""
-        h = hashlib.sha1(repr((self.norm.size, self.norm.mean, self.norm.std, self.augment)).encode())
+        """Identifies the pixels: the files (path, size, mtime) and the preprocessing (for augmented
+        views, the seed of their crops and flips: a fresh set's first pass over its files)."""
+        view = ("augment", self.seed) if self.augment else ("center",)
+        h = hashlib.sha1(repr((self.norm.size, self.norm.mean, self.norm.std, view)).encode())
         for p in self.paths:
             st = p.stat()
             h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -147,8 +163,8 @@ def _crop_box(w: int, h: int, rng: np.random.Generator) -> tuple[int, int, int, 
     return None
 
 
-def read_coop_split(name: str, root: str | None) -> tuple[list[str], dict[str, list[tuple[Path, int]]], str]:
-    """Class names, the train/val/test items of a CoOp-layout dataset, and its prompt template."""
+def read_coop_split(name: str, root: str | None) -> Listing:
+    """A CoOp-layout dataset: ``ROOT/<folder>/<images>/...`` listed by ``ROOT/<folder>/split_zhou_*.json``."""
     layout = COOP_DATASETS[name]
     if root is None:
         raise MlgateError(f"data.root: {name} needs --root/data.root, the folder that holds "
@@ -173,13 +189,45 @@ def read_coop_split(name: str, root: str | None) -> tuple[list[str], dict[str, l
         for rel, label, classname in rows:
             names.setdefault(int(label), clean_classname(classname))
             items[part].append((base / layout.images / rel, int(label)))
+    _check_listed_files(items, split_path)
+    return Listing([names[i] for i in sorted(names)], items, layout.template, base)
+
+
+def _check_listed_files(items: dict[str, list[tuple[Path, int]]], listed_in: Path) -> None:
     missing = [str(p) for part in items.values() for p, _ in part if not p.is_file()][:3]
     if missing:
-        raise MlgateError(f"data.root: images listed in {split_path} are missing, e.g. {', '.join(missing)}.")
-    return [names[i] for i in sorted(names)], items, layout.template
+        raise MlgateError(f"data.root: images listed in {listed_in} are missing, e.g. {', '.join(missing)}.")
 
 
-def read_imagenet(root: str | None) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+def read_fgvc_aircraft(root: str | None) -> Listing:
+    """CoOp's FGVC-Aircraft layout: ``ROOT/fgvc_aircraft/images/<id>.jpg``, ``variants.txt`` (one class per
+    line, in label order) and ``images_variant_{train,val,test}.txt`` (lines ``<id> <variant>``)."""
+    base = Path(root or "") / "fgvc_aircraft"
+    variants = base / "variants.txt"
+    if root is None or not variants.is_file():
+        raise MlgateError(f"data.root: fgvc_aircraft expects ROOT/fgvc_aircraft/images/<id>.jpg, "
+                          f"ROOT/fgvc_aircraft/variants.txt and ROOT/fgvc_aircraft/images_variant_{{train,val,test}}.txt"
+                          f" (CoOp's DATASETS.md); got {root!r}.")
+    classnames = [line.strip() for line in variants.read_text().splitlines() if line.strip()]
+    index = {c: i for i, c in enumerate(classnames)}
+    items: dict[str, list[tuple[Path, int]]] = {}
+    for part in ("train", "val", "test"):
+        listing = base / f"images_variant_{part}.txt"
+        if not listing.is_file():
+            raise MlgateError(f"data.root: no {listing} (lines '<image id> <variant>').")
+        items[part] = []
+        for number, line in enumerate(listing.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            image_id, _, variant = line.strip().partition(" ")
+            if variant not in index:
+                raise MlgateError(f"data.root: {listing}:{number}: variant {variant!r} is not in {variants}.")
+            items[part].append((base / "images" / f"{image_id}.jpg", index[variant]))
+    _check_listed_files(items, base)
+    return Listing(classnames, items, AIRCRAFT_TEMPLATE, base)
+
+
+def read_imagenet(root: str | None) -> Listing:
     """CoOp's ImageNet layout: ``ROOT/imagenet/images/{train,val}/<wnid>/*`` and
     ``ROOT/imagenet/classnames.txt`` (lines ``<wnid> <class name>``, e.g. ``n01440764 tench``); val serves as val and test."""
     base = Path(root or "") / "imagenet"
@@ -203,10 +251,10 @@ def read_imagenet(root: str | None) -> tuple[list[str], dict[str, list[tuple[Pat
         raise MlgateError(f"data.root: no images in {base}/images/val/<wnid>/ (CoOp uses val as the test set; "
                           "its images must be in class folders).")
     items["test"] = items["val"]
-    return names, items
+    return Listing(names, items, "a photo of a {}.", base)
 
 
-def read_image_folder(root: str | None) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+def read_image_folder(root: str | None) -> Listing:
     """``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*`` (and optionally ``ROOT/val/<class>/*``)."""
     if root is None or not (Path(root) / "train").is_dir() or not (Path(root) / "test").is_dir():
         raise MlgateError(f"data.root: imagefolder expects ROOT/train/<class>/* and ROOT/test/<class>/* "
@@ -220,4 +268,13 @@ def read_image_folder(root: str | None) -> tuple[list[str], dict[str, list[tuple
                        for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
     if not items["train"]:
         raise MlgateError(f"data.root: no images under {root}/train/<class>/.")
-    return [clean_classname(c) for c in classes], items
+    return Listing([clean_classname(c) for c in classes], items, "a photo of a {}.", Path(root))
+
+
+# Datasets read from files, by ``data.name`` (the CoOp source).
+FILE_READERS = {
+    **{name: (lambda root, name=name: read_coop_split(name, root)) for name in COOP_DATASETS},
+    "fgvc_aircraft": read_fgvc_aircraft,
+    "imagenet": read_imagenet,
+    "imagefolder": read_image_folder,
+}

@@ -197,14 +197,28 @@ class BackboneSpec(StrictModel):
 class DataSpec(StrictModel):
     name: str = Field("shapes", description="Dataset name (bundled: 'shapes'; also 'digits').")
     root: str | None = Field(None, description="Folder that holds the dataset's own folder.")
+    source: Literal["coop", "torchvision"] = Field(
+        "coop", description="How the dataset lies under root: CoOp's layout (split_zhou JSON, the papers' "
+        "splits), or torchvision's dataset classes.")
+    download: bool = Field(False, description="torchvision source: let torchvision download the dataset into root.")
     shots: int = Field(16, ge=1, description="Training images per class (K).")
-    seed: int = Field(1, description="Seed of the few-shot draw.")
+    seed: int = Field(1, description="Seed of the few-shot draw (and of training, unless train.seed is set).")
     augment: bool = Field(
-        True, description="Training augmentation (random resized crop + flip) for image files, when the "
-        "method prompts the vision tower (frozen-feature methods use the cached test-time view).")
+        True, description="Training augmentation (random resized crop + flip) for image files: drawn afresh "
+        "per step when the method prompts the vision tower, else from augment_views cached views per image.")
+    augment_views: int = Field(
+        8, ge=1, description="Frozen-feature methods (coop, cocoop): augmented views per training image, "
+        "encoded once and cached; each step picks one view per image.")
     subsample: Literal["base", "all"] = Field(
         "base", description="Train on base classes and test base+novel, or train and test on all classes."
     )
+
+    @model_validator(mode="after")
+    def _download_needs_torchvision(self) -> DataSpec:
+        if self.download and self.source != "torchvision":
+            raise ValueError("data.download needs data.source: torchvision (the CoOp layout is prepared by hand, "
+                             "see CoOp's DATASETS.md)")
+        return self
 
 
 class OptimizerSpec(StrictModel):
@@ -268,7 +282,8 @@ class TrainSpec(StrictModel):
     phases: PhasesSpec = Field(default_factory=PhasesSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     eval_interval: int = Field(50, ge=1, description="Evaluate (and report to Optuna) every this many steps.")
-    seed: int = 0
+    seed: int | None = Field(
+        None, description="Seed of initialization and batch order (null: data.seed, as CoOp's --seed sets both).")
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
@@ -370,6 +385,11 @@ class StudySpec(StrictModel):
     @property
     def name(self) -> str:
         return self.study.name or "study"
+
+    @property
+    def train_seed(self) -> int:
+        """The seed of initialization and batch order: train.seed, else data.seed."""
+        return self.train.seed if self.train.seed is not None else self.data.seed
 
     @property
     def t_target(self) -> float | None:

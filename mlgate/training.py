@@ -23,7 +23,7 @@ from torch import nn
 from mlgate import plots
 from mlgate.clip import PromptedCLIP, load_backbone
 from mlgate.describe import inference_gflops
-from mlgate.data import FewShotData, Split, load_dataset
+from mlgate.data import FewShotData, Split, cache_root, load_dataset
 from mlgate.errors import MlgateError
 from mlgate.folders import ImageSet
 from mlgate.diagnostics import Diagnostics, binary_entropy
@@ -122,7 +122,7 @@ def total_steps(cfg: TrainSpec, n_train: int) -> int:
 
 def cache_dir() -> Path:
     """Where frozen image features are kept between trials and workers ($MLGATE_CACHE_DIR)."""
-    return Path(os.environ.get("MLGATE_CACHE_DIR") or Path.home() / ".cache" / "mlgate") / "features"
+    return cache_root() / "features"
 
 
 class FeatureCache:
@@ -265,11 +265,35 @@ def preflight(spec: StudySpec) -> None:
     weights, a wrong dataset layout, a depth beyond the backbone's layers, a ctx_init of the wrong
     length) fails before any trial starts."""
     clip = load_backbone(spec.backbone.name, spec.backbone.pretrained, "cpu")
-    load_dataset(spec.data.name, spec.data.shots, spec.data.seed, clip.image_norm, spec.data.subsample, spec.data.root)
+    load_data(spec, clip)
     try:
         build_method(spec.method, clip, ["a", "b"])
     except ValueError as exc:
         raise MlgateError(f"method: {exc}.") from None
+
+
+def load_data(spec: StudySpec, clip: PromptedCLIP) -> FewShotData:
+    """``spec.data`` prepared for ``clip``'s preprocessing."""
+    d = spec.data
+    return load_dataset(d.name, d.shots, d.seed, clip.image_norm, d.subsample, d.root, d.source, d.download)
+
+
+def frozen_features(clip: PromptedCLIP, data: FewShotData, spec: StudySpec, device: torch.device) -> dict[str, Split]:
+    """The splits as cached frozen image features. With augmentation on image files, training gets
+    ``data.augment_views`` views of every image (each cached on its own), laid out view after view:
+    a batch drawn from them picks an (image, view) pair, as an augmenting data loader would."""
+    cache = FeatureCache(clip, device, spec.backbone.pretrained)
+    raw = {"train": data.train, "val": data.val, "test_base": data.test_base, "test_novel": data.test_novel}
+    splits = {k: cache(s) for k, s in raw.items() if k != "train" or not _augments(spec, s)}
+    if "train" not in splits:
+        views = [cache(Split(data.train.images.augmented(seed=v), data.train.labels))
+                 for v in range(spec.data.augment_views)]
+        splits["train"] = Split(torch.cat([v.images for v in views]), torch.cat([v.labels for v in views]))
+    return splits
+
+
+def _augments(spec: StudySpec, split: Split) -> bool:
+    return spec.data.augment and isinstance(split.images, ImageSet)
 
 
 def train(spec: StudySpec, sink: Sink | None = None,
@@ -282,20 +306,19 @@ def train(spec: StudySpec, sink: Sink | None = None,
     sink = sink or NullSink()
     cfg = spec.train
     device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
+    seed = spec.train_seed
+    seed_everything(seed)
 
     clip = load_backbone(spec.backbone.name, spec.backbone.pretrained, device)
-    data = load_dataset(spec.data.name, spec.data.shots, spec.data.seed, clip.image_norm, spec.data.subsample,
-                        spec.data.root)
+    data = load_data(spec, clip)
     method = build_method(spec.method, clip, data.classnames).to(device)
-    raw = {"train": data.train, "val": data.val, "test_base": data.test_base, "test_novel": data.test_novel}
     if method.prompts_vision:
-        if spec.data.augment and isinstance(raw["train"].images, ImageSet):
-            raw["train"] = Split(raw["train"].images.augmented(cfg.seed), raw["train"].labels)
+        raw = {"train": data.train, "val": data.val, "test_base": data.test_base, "test_novel": data.test_novel}
+        if _augments(spec, data.train):  # a fresh crop and flip every time an image is drawn
+            raw["train"] = Split(data.train.images.augmented(seed), data.train.labels)
         splits = {k: Split(s.images.to(device), s.labels.to(device)) for k, s in raw.items()}
     else:
-        cache = FeatureCache(clip, device, spec.backbone.pretrained)
-        splits = {k: cache(s) for k, s in raw.items()}
+        splits = frozen_features(clip, data, spec, device)
 
     optimizer = build_optimizer(method, cfg)
     check_optimizer_covers(method, optimizer)
@@ -303,13 +326,13 @@ def train(spec: StudySpec, sink: Sink | None = None,
     gates = groups.get("gate", [])
     diagnostics = Diagnostics(groups.get("prompt", []), gates, method.gate_values, method.metrics)
 
-    steps = total_steps(cfg, len(splits["train"]))
-    steps_per_epoch = max(1, math.ceil(len(splits["train"]) / cfg.batch_size))
+    steps = total_steps(cfg, len(data.train))  # epochs count images, not cached views
+    steps_per_epoch = max(1, math.ceil(len(data.train) / cfg.batch_size))
     base_ids = torch.tensor(data.base, device=device)
     # Global label → position among the base classes (the logits' columns).
     target_of = torch.full((len(data.classnames),), -1, dtype=torch.long, device=device)
     target_of[base_ids] = torch.arange(len(data.base), device=device)
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
 
     history = MetricHistory()
     gate_steps: list[int] = []

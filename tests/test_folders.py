@@ -123,3 +123,71 @@ def test_training_augmentation_varies_views_and_is_seeded(eurosat_root):
     assert not torch.allclose(first, second)  # a fresh crop and flip on every access
     torch.testing.assert_close(plain[0:4], plain[0:4])  # test-time view is fixed
     assert first.shape == plain[0:4].shape
+
+
+def test_fgvc_aircraft_text_splits(tmp_path, capsys):
+    base = tmp_path / "fgvc_aircraft"
+    variants = ["707-320", "A300B4", "Cessna 172"]
+    (base / "images").mkdir(parents=True)
+    (base / "variants.txt").write_text("\n".join(variants) + "\n")
+    for part, count in (("train", 4), ("val", 2), ("test", 3)):
+        lines = []
+        for label, variant in enumerate(variants):
+            for i in range(count):
+                image_id = f"{label}{part[:2]}{i:03d}"
+                _image(base / "images" / f"{image_id}.jpg", list(COLORS)[label], i)
+                lines.append(f"{image_id} {variant}")
+        (base / f"images_variant_{part}.txt").write_text("\n".join(lines) + "\n")
+    assert main(["data", "summary", "--data", "fgvc_aircraft", "--root", str(tmp_path), "--shots", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["base_classes"] == ["707-320", "A300B4"] and summary["novel_classes"] == ["Cessna 172"]
+    assert summary["splits"] == {"train": 4, "val": 4, "test_base": 6, "test_novel": 3}
+    data = load_dataset("fgvc_aircraft", 2, 1, load_backbone("mlgate-tiny", None).image_norm, root=str(tmp_path))
+    assert data.template == "a photo of a {}, a type of aircraft."
+    (base / "images_variant_test.txt").write_text("0te000 Boeing 999\n")
+    assert main(["data", "summary", "--data", "fgvc_aircraft", "--root", str(tmp_path)]) == 2
+    assert "'Boeing 999' is not in" in capsys.readouterr().err
+
+
+def test_few_shot_draw_is_cached_beside_the_dataset(eurosat_root):
+    norm = load_backbone("mlgate-tiny", None).image_norm
+    first = load_dataset("eurosat", 4, 1, norm, root=str(eurosat_root))
+    saved_path = eurosat_root / "eurosat" / "split_fewshot" / "shot_4-seed_1.json"
+    saved = json.loads(saved_path.read_text())
+    assert len(saved["train"]) == 16 and len(saved["val"]) == 8  # 4 shots and min(4, 4) val shots × 4 classes
+    base_rows = [eurosat_root / "eurosat" / rel for rel, label in saved["train"] if label < 2]
+    assert first.train.images.paths == base_rows  # the base classes' shots train; the file holds all classes
+    # The file is what later loads read: edit the draw and the next load follows it.
+    saved["train"] = [row for row in saved["train"] if row[1] != 0] + [saved["train"][0]] * 4
+    saved_path.write_text(json.dumps(saved))
+    again = load_dataset("eurosat", 4, 1, norm, root=str(eurosat_root))
+    assert again.train.images.paths.count(first.train.images.paths[0]) == 4
+    # A changed dataset (another split file) gets a fresh draw.
+    split_file = eurosat_root / "eurosat" / "split_zhou_EuroSAT.json"
+    split = json.loads(split_file.read_text())
+    split["train"] = split["train"][1:]
+    split_file.write_text(json.dumps(split))
+    fresh = load_dataset("eurosat", 4, 1, norm, root=str(eurosat_root))
+    assert fresh.train.images.paths.count(first.train.images.paths[0]) <= 1
+
+
+def test_frozen_feature_methods_train_on_cached_augmented_views(eurosat_root):
+    from mlgate.training import frozen_features, load_data
+
+    spec = StudySpec.model_validate(deep_update(TINY, {
+        "data": {"name": "eurosat", "root": str(eurosat_root), "augment_views": 3}, "search": {}}))
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    data = load_data(spec, clip)
+    splits = frozen_features(clip, data, spec, torch.device("cpu"))
+    n = len(data.train)
+    assert splits["train"].images.shape == (3 * n, clip.model.visual.output_dim)
+    assert torch.equal(splits["train"].labels, data.train.labels.repeat(3))
+    views = splits["train"].images.view(3, n, -1)
+    assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[1], views[2])
+    test_view = clip.encode_image(data.train.images[0:n]).float()
+    assert not torch.allclose(views[0], test_view, atol=1e-4)  # augmented, not the centre crop
+    # Each view is cached on its own: a second pass reads the same features back.
+    torch.testing.assert_close(frozen_features(clip, data, spec, torch.device("cpu"))["train"].images,
+                               splits["train"].images)
+    no_aug = spec.model_copy(update={"data": spec.data.model_copy(update={"augment": False})})
+    torch.testing.assert_close(frozen_features(clip, data, no_aug, torch.device("cpu"))["train"].images, test_view)
