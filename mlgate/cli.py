@@ -84,24 +84,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(str(exc), file=sys.stderr)
             failed += 1
             continue
-        print(f"{study}: valid ({spec.study.n_trials} trials of {spec.method.name}, "
-              f"{len(spec.search)} searched settings)")
+        what = f"variants {', '.join(spec.variants)}" if spec.variants else spec.method.name
+        print(f"{study}: valid ({spec.study.n_trials} trials of {what}, {len(spec.search)} searched settings)")
     return 2 if failed else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     import yaml
 
-    from mlgate.spec import list_studies
+    from mlgate.spec import list_studies, study_name
 
     for path in list_studies():
-        name = path.stem
+        name = study_name(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
             text = " ".join(str(data.get("description", "")).split())
         except yaml.YAMLError:
             text = "(invalid YAML: run `mlgate validate`)"
-        print(f"{name:<24} {text}")
+        print(f"{name:<30} {text}")
     return 0
 
 

@@ -238,6 +238,7 @@ def load_dataset(name: str, shots: int, seed: int, norm: ImageNorm, subsample: s
         return DATASETS[name](shots=shots, seed=seed, norm=norm, subsample=subsample)
     if name not in FILE_READERS:
         raise MlgateError(f"data.name: unknown dataset {name!r}; valid: {', '.join(dataset_names())}.")
+    root = os.path.expanduser(root) if root else root  # '~/data', as CoOp's $DATA
     if source == "torchvision":
         from mlgate.tvdata import read_torchvision
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -233,6 +234,7 @@ class OptimizerSpec(StrictModel):
 class ScheduleSpec(StrictModel):
     name: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0.0, description="Warmup in epochs (CoOp/MaPLe: 1), added to warmup_steps.")
     warmup_lr: float = Field(1e-5, gt=0.0, description="Constant LR during warmup (CoOp/Dassl style).")
 
 
@@ -281,12 +283,31 @@ class TrainSpec(StrictModel):
     gates: GateTrainingSpec = Field(default_factory=GateTrainingSpec)
     phases: PhasesSpec = Field(default_factory=PhasesSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
-    eval_interval: int = Field(50, ge=1, description="Evaluate (and report to Optuna) every this many steps.")
+    eval_interval: int | str = Field(
+        50, description="Evaluate (and report to Optuna) every this many steps, or in epochs: 'epoch', '10 epochs'.")
     seed: int | None = Field(
         None, description="Seed of initialization and batch order (null: data.seed, as CoOp's --seed sets both).")
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
+
+    @field_validator("eval_interval")
+    @classmethod
+    def _interval(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("a number of steps >= 1, or 'epoch' / 'N epochs'")
+            return value
+        if not re.fullmatch(r"(\d+(\.\d+)?\s*)?epochs?", value.strip()):
+            raise ValueError(f"{value!r}: a number of steps, or 'epoch' / 'N epochs' (e.g. '10 epochs')")
+        return value.strip()
+
+    def eval_steps(self, steps_per_epoch: int) -> int:
+        """The evaluation interval in steps."""
+        if isinstance(self.eval_interval, int):
+            return self.eval_interval
+        count = re.match(r"[\d.]*", self.eval_interval).group()  # '' for plain 'epoch'
+        return max(1, round(float(count or 1) * steps_per_epoch))
 
     @model_validator(mode="before")
     @classmethod
@@ -341,19 +362,37 @@ class StudySpec(StrictModel):
     search: dict[str, Distribution] = Field(
         default_factory=dict, description="Dotted spec path → Optuna distribution."
     )
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Named sets of settings, written over the spec like its sections "
+        "(a table's rows: each method with its own recipe); `search.variant` picks one per trial.")
+    variant: str | None = Field(None, description="The variant a trial's config applies (set per trial).")
 
     @field_validator("search")
     @classmethod
     def _search_keys(cls, search: dict[str, Any]) -> dict[str, Any]:
         for key in search:
-            if key.split(".")[0] in ("study", "search", "experiment", "logging"):
+            if key.split(".")[0] in ("study", "search", "experiment", "logging", "variants"):
                 raise ValueError(f"{key!r}: only method, backbone, data and train settings can be searched")
         return search
+
+    @model_validator(mode="after")
+    def _variants_are_searched(self) -> StudySpec:
+        choice = self.search.get("variant")
+        if self.variants and choice is None:
+            raise ValueError("variants are picked by search.variant (categorical over their names); add it")
+        if choice is not None:
+            unknown = [c for c in getattr(choice, "choices", [None]) if c not in self.variants]
+            if not isinstance(choice, CategoricalDistribution) or unknown:
+                raise ValueError(f"search.variant: a categorical over the names in variants "
+                                 f"({', '.join(self.variants) or 'none defined'}); unknown: {unknown}")
+        return self
 
     @model_validator(mode="after")
     def _search_paths_exist(self) -> StudySpec:
         resolved = self.model_dump(exclude={"search"})
         for key in self.search:
+            if key == "variant":
+                continue
             node: Any = resolved
             for part in key.split("."):
                 if not isinstance(node, dict) or part not in node:
@@ -406,15 +445,21 @@ class StudySpec(StrictModel):
 
     def flat_params(self) -> dict[str, str]:
         """The resolved config as dotted keys → canonical strings (MLflow params)."""
-        return {k: _canonical(v) for k, v in flatten(self.model_dump(mode="json", exclude={"search"})).items()}
+        dumped = self.model_dump(mode="json", exclude={"search", "variants"})
+        return {k: _canonical(v) for k, v in flatten(dumped).items()}
 
     def with_values(self, values: dict[str, Any]) -> StudySpec:
-        """A trial's config: a copy with ``values`` (dotted path → value) written in, validated again.
-        It searches nothing itself, so its search block is empty."""
+        """A trial's config: a copy with ``values`` (dotted path → value) written in, validated again;
+        ``values["variant"]`` first writes that variant's settings (the other values win over it).
+        It searches nothing itself, so its search block and variants are empty."""
         data = self.model_dump(mode="json")
-        data["search"] = {}
+        data["search"], data["variants"] = {}, {}
+        if "variant" in values:
+            data = _deep_merge(data, self.variants[values["variant"]])
+            data["variant"] = values["variant"]
         for key, value in values.items():
-            set_dotted(data, key, value)
+            if key != "variant":
+                set_dotted(data, key, value)
         if data["method"]["name"] != self.method.name:
             # Switching method (e.g. a search over method.name) keeps the settings the new one has.
             try:
@@ -428,6 +473,15 @@ class StudySpec(StrictModel):
 
 # --------------------------------------------------------------------------------------------------
 # Loading, overrides, errors.
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    # extra written over base, section by section.
+    out = dict(base)
+    for key, value in extra.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _deep_merge(out[key], value) if nested else value
+    return out
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -479,12 +533,20 @@ def _study_dirs() -> list[Path]:
     return list(dict.fromkeys([Path.cwd() / "studies", STUDIES_DIR]))
 
 
+def study_name(path: Path) -> str:
+    """A shipped spec's name: its path under ``studies/`` without .yaml (``paper/gating_table1``)."""
+    for folder in _study_dirs():
+        if path.is_relative_to(folder):
+            return path.relative_to(folder).with_suffix("").as_posix()
+    return path.stem
+
+
 def list_studies() -> list[Path]:
-    """The spec files in ``studies/`` (one per name; the working directory's win)."""
+    """The spec files in ``studies/`` and its subfolders (one per name; the working directory's win)."""
     found: dict[str, Path] = {}
     for folder in _study_dirs():
-        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
-            found.setdefault(path.stem, path)
+        for path in sorted(folder.rglob("*.yaml")) if folder.is_dir() else []:
+            found.setdefault(path.relative_to(folder).with_suffix("").as_posix(), path)
     return [found[name] for name in sorted(found)]
 
 
@@ -499,7 +561,7 @@ def resolve_study_path(study: str) -> Path:
         path = folder / f"{study}.yaml"
         if path.is_file():
             return path
-    names = ", ".join(p.stem for p in list_studies()) or "(none)"
+    names = ", ".join(study_name(p) for p in list_studies()) or "(none)"
     raise SpecError(f"{study}: no study of that name in studies/ and no such file. Known studies: {names}.")
 
 

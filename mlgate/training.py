@@ -103,9 +103,9 @@ def check_optimizer_covers(method: nn.Module, optimizer: torch.optim.Optimizer) 
         raise RuntimeError(f"trainable parameters not held by the optimizer: {', '.join(orphans)}")
 
 
-def lr_factor(step: int, total: int, cfg: TrainSpec) -> float | None:
+def lr_factor(step: int, total: int, cfg: TrainSpec, steps_per_epoch: int = 1) -> float | None:
     """Cosine (or constant) schedule after a constant-LR warmup; None during warmup."""
-    warm = cfg.schedule.warmup_steps
+    warm = cfg.schedule.warmup_steps + round(cfg.schedule.warmup_epochs * steps_per_epoch)
     if step < warm:
         return None
     if cfg.schedule.name == "constant":
@@ -328,6 +328,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
 
     steps = total_steps(cfg, len(data.train))  # epochs count images, not cached views
     steps_per_epoch = max(1, math.ceil(len(data.train) / cfg.batch_size))
+    eval_interval = cfg.eval_steps(steps_per_epoch)
     base_ids = torch.tensor(data.base, device=device)
     # Global label → position among the base classes (the logits' columns).
     target_of = torch.full((len(data.classnames),), -1, dtype=torch.long, device=device)
@@ -358,11 +359,12 @@ def train(spec: StudySpec, sink: Sink | None = None,
     history.add([(0, {"params/trainable": trainable})])
     sink.log_metrics([(0, {"params/trainable": trainable})])
     record_gates(0)
+    method.on_train_start(steps, steps_per_epoch)
     method.train()
     train_split = splits["train"]
     try:
         for step in range(1, steps + 1):
-            factor = lr_factor(step - 1, steps, cfg)
+            factor = lr_factor(step - 1, steps, cfg, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = (cfg.schedule.warmup_lr if factor is None
                                else cfg.optimizer.lr * group["lr_mult"] * factor)
@@ -377,7 +379,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
                 method.on_epoch_end(step)
             if step % spec.logging.flush_every == 0:
                 flush()
-            if step % cfg.eval_interval == 0 or step == steps:
+            if step % eval_interval == 0 or step == steps:
                 flush()
                 metrics = evaluate(method, data, splits)
                 history.add([(step, metrics)])

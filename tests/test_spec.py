@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import yaml
 from mlgate.cli import main
 from mlgate.errors import SpecError
 from mlgate.spec import StudySpec, list_studies, load_spec
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY, deep_update
 
 
 @pytest.mark.parametrize("path", list_studies(), ids=lambda p: p.stem)
@@ -118,3 +119,56 @@ def test_gradient_balancing_covers_the_issue_sweep():
     assert None in search["train.grad_clip"]["choices"]
     assert set(search["train.optimizer.name"]["choices"]) == {"sgd", "adamw"}
     assert any(k.startswith("method.gate.init") for k in search)
+
+
+VARIANTS = {
+    "study": {"sampler": {"type": "grid"}},
+    "method": {"name": "coop", "n_ctx": 4, "gate": {"enabled": True}},
+    "variants": {
+        "MaPLe": {"method": {"name": "maple", "depth": 3}, "train": {"optimizer": {"lr": 0.0035}}},
+        "CoOp-gated": {"train": {"batch_size": 16}},
+    },
+    "search": {"variant": {"type": "categorical", "choices": ["MaPLe", "CoOp-gated"]},
+               "data.seed": {"type": "categorical", "choices": [1, 2]}},
+}
+
+
+def _variants_spec(workdir, data: dict):
+    # TINY with its search replaced (a grid cannot take TINY's float range).
+    path = workdir / "variants.yaml"
+    path.write_text(yaml.safe_dump(deep_update({k: v for k, v in TINY.items() if k != "search"}, data)))
+    return path
+
+
+def test_variants_are_a_tables_rows(workdir):
+    spec = load_spec(_variants_spec(workdir, VARIANTS))
+    assert spec.grid() == {"variant": ["MaPLe", "CoOp-gated"], "data.seed": [1, 2]}
+    maple = spec.with_values({"variant": "MaPLe", "data.seed": 2})
+    assert (maple.method.name, maple.method.depth, maple.method.n_ctx) == ("maple", 3, 4)  # n_ctx kept
+    assert maple.train.optimizer.lr == 0.0035 and maple.data.seed == 2 and maple.train_seed == 2
+    params = maple.flat_params()
+    assert params["variant"] == "MaPLe" and not any(k.startswith("variants") for k in params)
+    coop = spec.with_values({"variant": "CoOp-gated", "train.batch_size": 8})  # searched values win
+    assert coop.method.name == "coop" and coop.train.batch_size == 8 and coop.train.optimizer.lr == 0.01
+
+
+def test_variant_problems_are_named(workdir):
+    bad = {**VARIANTS, "variants": {**VARIANTS["variants"], "MaPLe": {"method": {"name": "maple", "depth": 0}}}}
+    with pytest.raises(SpecError) as err:
+        load_spec(_variants_spec(workdir, bad))
+    assert "search.variant: value 'MaPLe'" in str(err.value) and "depth" in str(err.value)
+    unknown = {**VARIANTS, "search": {"variant": {"type": "categorical", "choices": ["MaPLe", "Nope"]}}}
+    with pytest.raises(SpecError, match="unknown: \\['Nope'\\]"):
+        load_spec(_variants_spec(workdir, unknown))
+    with pytest.raises(SpecError, match="picked by search.variant"):
+        load_spec(_variants_spec(workdir, {**VARIANTS, "search": {}}))
+
+
+def test_paper_studies_are_listed_by_their_path(capsys):
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "paper/gating_table1" in listed and "paper/adapt_table2" in listed
+    spec = load_spec("paper/gating_table1")
+    assert spec.backbone.name == "ViT-B-16-quickgelu" and spec.backbone.pretrained == "openai"
+    grid = spec.grid()
+    assert set(grid["data.seed"]) == {1, 2, 3} and spec.study.n_trials == math.prod(len(v) for v in grid.values())

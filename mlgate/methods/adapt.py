@@ -36,6 +36,8 @@ class AdaptConfig(MethodConfig):
                             "from train.steps so pruning finishes within the step budget.")
     r_p: int = Field(4, ge=1, description="Tokens pruned per pruning step (paper: 4).")
     warmup_steps: int = Field(0, ge=0, description="Steps before the first pruning.")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="Epochs before the first pruning (paper: 5), added to "
+                                 "warmup_steps.")
     template: str = Field("a photo of a {}.", description="Text the prompts condition (the query tokens).")
     distill_weight: float = Field(0.0, ge=0.0, description="Angular knowledge distillation weight (0: off).")
 
@@ -44,13 +46,14 @@ class PruningSchedule:
     """When to prune how many tokens: ``r_p`` every ``n_k`` steps after the warmup, derived from the
     step budget unless ``n_k`` is given, so that the target is reached by 80% of the remaining steps."""
 
-    def __init__(self, total_tokens: int, cfg: AdaptConfig, total_steps: int) -> None:
+    def __init__(self, total_tokens: int, cfg: AdaptConfig, total_steps: int, steps_per_epoch: int = 1) -> None:
         excess = max(0, total_tokens - cfg.t_target)
-        self.warmup, self.r_p = cfg.warmup_steps, cfg.r_p
+        self.warmup = cfg.warmup_steps + round(cfg.warmup_epochs * steps_per_epoch)
+        self.r_p = cfg.r_p
         if cfg.n_k is not None:
             self.n_k = cfg.n_k
         else:
-            window = max(1, int(0.8 * (total_steps - cfg.warmup_steps)))
+            window = max(1, int(0.8 * (total_steps - self.warmup)))
             events = max(1, math.ceil(excess / cfg.r_p))
             if events > window:  # too few steps for r_p: prune more per event instead
                 self.r_p, events = math.ceil(excess / window), window
@@ -168,8 +171,11 @@ class Adapt(PromptMethod):
             self.text_scores += text
             self.vision_scores += vision
 
+    def on_train_start(self, total_steps: int, steps_per_epoch: int) -> None:
+        self.schedule = PruningSchedule(self.text_mask.numel() * 2, self.cfg, total_steps, steps_per_epoch)
+
     def on_step(self, step: int, total_steps: int) -> None:
-        if self.schedule is None:
+        if self.schedule is None:  # driven without train() (the benchmark): steps only
             self.schedule = PruningSchedule(self.text_mask.numel() * 2, self.cfg, total_steps)
         if not self.schedule.is_prune_step(step):
             return
@@ -221,7 +227,8 @@ class Adapt(PromptMethod):
             plt.close(fig)
         schedule = {"n_k": self.schedule.n_k if self.schedule else None,
                     "r_p": self.schedule.r_p if self.schedule else None,
-                    "warmup_steps": self.cfg.warmup_steps, "t_target": self.cfg.t_target, "pruned": self.pruned}
+                    "warmup_steps": self.schedule.warmup if self.schedule else self.cfg.warmup_steps,
+                    "t_target": self.cfg.t_target, "pruned": self.pruned}
         (folder / "adapt").mkdir(exist_ok=True)
         (folder / "adapt" / "pruning_schedule.json").write_text(json.dumps(schedule, indent=1))
 

@@ -109,6 +109,9 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
 
     # ---- training-loop hooks (no-ops unless a method needs them, like ADAPT's pruning) ---------------
 
+    def on_train_start(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Called once before the first step with the trial's step budget and epoch length."""
+
     def on_backward(self, step: int) -> None:
         """After ``backward()`` of ``step`` (1-based), before the optimizer step: gradients are there."""
 
