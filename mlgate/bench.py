@@ -16,6 +16,7 @@ from __future__ import annotations
 import resource
 import statistics
 import tempfile
+import threading
 import time
 from typing import Any, Callable
 
@@ -37,14 +38,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class HostPeak:
+    """The largest growth of this process's resident memory while in the ``with`` block (sampled every
+    few milliseconds): on the CPU, what a step allocates beyond the model and data already resident."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        import psutil
+
+        self.process, self.interval_s, self.peak_mb = psutil.Process(), interval_s, 0.0
+        self._stop = threading.Event()
+
+    def _poll(self, base: int) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, (self.process.memory_info().rss - base) / 2**20)
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> HostPeak:
+        self._thread = threading.Thread(target=self._poll, args=(self.process.memory_info().rss,), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmup: int, rounds: int,
-            device: torch.device) -> dict[str, tuple[float, float]]:
-    """(steps per second, peak GPU MB) per configuration: each warmed up, then timed in ``rounds``
-    round-robin passes of ``steps`` steps (so drifts in machine load hit every configuration alike),
-    keeping the median pass."""
-    for step in steps_by_config.values():
-        for i in range(warmup):
-            step(i + 1)
+            device: torch.device) -> dict[str, tuple[float, float, float]]:
+    """(steps per second, peak GPU MB, peak host growth MB) per configuration: each warmed up, then timed
+    in ``rounds`` round-robin passes of ``steps`` steps (so drifts in machine load hit every configuration
+    alike), keeping the median pass."""
+    host = dict.fromkeys(steps_by_config, 0.0)
+    for name, step in steps_by_config.items():
+        with HostPeak() as peak:
+            for i in range(warmup):
+                step(i + 1)
+        host[name] = peak.peak_mb
     times: dict[str, list[float]] = {name: [] for name in steps_by_config}
     peaks = dict.fromkeys(steps_by_config, 0.0)
     counter = warmup
@@ -53,26 +82,31 @@ def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmu
             _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            for i in range(steps):
-                step(counter + i + 1)
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+            with HostPeak() as peak:
+                start = time.perf_counter()
+                for i in range(steps):
+                    step(counter + i + 1)
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+            host[name] = max(host[name], peak.peak_mb)
             if device.type == "cuda":
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**20)
         counter += steps
-    return {name: (steps / statistics.median(t), peaks[name]) for name, t in times.items()}
+    return {name: (steps / statistics.median(t), peaks[name], host[name]) for name, t in times.items()}
 
 
 def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 10, batch: int = 32,
           steps: int = 20, warmup: int = 3, overrides: list[str] | None = None, device: str = "auto",
-          flush_every: int = 50, rounds: int = 3) -> dict[str, Any]:
-    """Steps/s, images/s and peak memory of ``method`` in the four configurations, and their ratios."""
+          flush_every: int = 50, rounds: int = 3, configs: tuple[str, ...] = CONFIGS,
+          name_words: int = 1) -> dict[str, Any]:
+    """Steps/s, images/s and peak memory of ``method`` in the chosen configurations (default: all
+    four), and the ratios between them. Class names are ``name_words`` words long (ImageNet's run
+    to about 6), which sets the length of the trimmed prompts."""
     dev = resolve_device(device)
     cfg = method_config(method, overrides or [])
     train_cfg = TrainSpec()
     clip = load_backbone(backbone, None, dev)
-    classnames = [f"class {i}" for i in range(n_classes)]
+    classnames = [" ".join([f"class {i}"] + ["word"] * (name_words - 1)) for i in range(n_classes)]
     size = clip.image_norm.size
     gen = torch.Generator().manual_seed(0)
     pool = max(4 * batch, 64)
@@ -122,25 +156,35 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
     with tempfile.TemporaryDirectory(prefix="mlgate-bench-") as tmp:
         from mlflow.tracking import MlflowClient
 
+        from mlgate.sender import MetricSender
         from mlgate.tracking import TrialRun
 
         client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
         run = client.create_run(client.create_experiment("bench"))
-        configs = {"reference": reference_step, "mlgate": mlgate_step(False), "mlgate_diagnostics": mlgate_step(True),
-                   "mlgate_logging": mlgate_step(True, TrialRun(client, run.info.run_id))}
-        results = measure(configs, steps, warmup, rounds, dev)
+        sender = MetricSender(client.tracking_uri)
+        sink = TrialRun(client, run.info.run_id, sender)
+        makers = {"reference": lambda: reference_step, "mlgate": lambda: mlgate_step(False),
+                  "mlgate_diagnostics": lambda: mlgate_step(True), "mlgate_logging": lambda: mlgate_step(True, sink)}
+        results = measure({name: makers[name]() for name in configs}, steps, warmup, rounds, dev)
+        sink.flush()  # the last batch lands before its store is deleted
+        sender.close()
 
     seconds = {k: 1.0 / v[0] for k, v in results.items()}
+
+    def ratio(slower: str, faster: str, minus: float = 0.0) -> float | None:
+        return seconds[slower] / seconds[faster] - minus if slower in seconds and faster in seconds else None
+
     return {
         "method": method, "backbone": backbone, "device": str(dev), "classes": n_classes, "batch": batch,
         "steps": steps, "warmup": warmup, "rounds": rounds, "bf16": use_bf16(train_cfg, dev),
         "steps_per_s": {k: v[0] for k, v in results.items()},
         "images_per_s": {k: v[0] * batch for k, v in results.items()},
         "peak_memory_mb": {"gpu": {k: v[1] for k, v in results.items()},
+                           "host_step": {k: v[2] for k, v in results.items()},
                            "host": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         "ratios": {
-            "speedup_vs_reference": seconds["reference"] / seconds["mlgate"],
-            "diagnostics_overhead": seconds["mlgate_diagnostics"] / seconds["mlgate"] - 1.0,
-            "logging_overhead": seconds["mlgate_logging"] / seconds["mlgate_diagnostics"] - 1.0,
+            "speedup_vs_reference": ratio("reference", "mlgate"),
+            "diagnostics_overhead": ratio("mlgate_diagnostics", "mlgate", 1.0),
+            "logging_overhead": ratio("mlgate_logging", "mlgate_diagnostics", 1.0),
         },
     }

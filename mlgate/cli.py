@@ -184,23 +184,30 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from mlgate.bench import CONFIGS, bench
 
-    if min(args.classes, args.batch, args.steps, args.rounds) < 1:
-        raise MlgateError("--classes, --batch, --steps and --rounds take whole numbers >= 1.")
+    if min(args.classes, args.batch, args.steps, args.rounds, args.name_words) < 1:
+        raise MlgateError("--classes, --batch, --steps, --rounds and --name-words take whole numbers >= 1.")
+    configs = tuple(c.strip() for c in args.configs.split(",")) if args.configs else CONFIGS
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise MlgateError(f"--configs: unknown {', '.join(unknown)}; valid: {', '.join(CONFIGS)}.")
     result = bench(args.method, args.backbone, args.classes, args.batch, args.steps, args.warmup,
-                   list(args.set or []), args.device, rounds=args.rounds)
+                   list(args.set or []), args.device, rounds=args.rounds, configs=configs, name_words=args.name_words)
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"{result['method']} on {result['backbone']} ({result['device']}, {result['classes']} classes, "
           f"batch {result['batch']}, median of {result['rounds']} passes of {result['steps']} steps)")
-    print(f"  {'configuration':<20} {'steps/s':>10} {'images/s':>10} {'GPU peak MB':>12}")
-    for name in CONFIGS:
+    print(f"  {'configuration':<20} {'steps/s':>10} {'images/s':>10} {'GPU peak MB':>12} {'host step MB':>13}")
+    memory = result["peak_memory_mb"]
+    for name in configs:
         print(f"  {name:<20} {result['steps_per_s'][name]:>10.2f} {result['images_per_s'][name]:>10.1f} "
-              f"{result['peak_memory_mb']['gpu'][name]:>12.0f}")
-    r = result["ratios"]
-    print(f"  speed-up vs reference {r['speedup_vs_reference']:.1f}x; diagnostics overhead "
-          f"{100 * r['diagnostics_overhead']:+.1f}%; logging overhead {100 * r['logging_overhead']:+.1f}%; "
-          f"host peak {result['peak_memory_mb']['host']:.0f} MB")
+              f"{memory['gpu'][name]:>12.0f} {memory['host_step'][name]:>13.0f}")
+    r = {k: v for k, v in result["ratios"].items() if v is not None}
+    parts = [f"speed-up vs reference {r['speedup_vs_reference']:.1f}x" if "speedup_vs_reference" in r else "",
+             f"diagnostics overhead {100 * r['diagnostics_overhead']:+.1f}%" if "diagnostics_overhead" in r else "",
+             f"logging overhead {100 * r['logging_overhead']:+.1f}%" if "logging_overhead" in r else "",
+             f"host peak {memory['host']:.0f} MB"]
+    print("  " + "; ".join(p for p in parts if p))
     return 0
 
 
@@ -259,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=3, help="round-robin timed passes per configuration (median kept)")
     b.add_argument("--set", action="append", metavar="method.KEY=VALUE")
     b.add_argument("--device", default="auto")
+    b.add_argument("--configs", help="comma-separated subset of the configurations (default: all four)")
+    b.add_argument("--name-words", type=int, default=1, help="words per class name (prompt length; ImageNet: ~6)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

@@ -129,7 +129,7 @@ class PromptedCLIP(nn.Module):
                 x = torch.cat([x[:, :1], prompt, x[:, 1 + n_prompt :]], dim=1)
                 eot = eot + (prompt.shape[1] - n_prompt)
                 n_prompt = prompt.shape[1]
-            x = block(x, attn_mask=self._causal_mask(x.shape[1], x.device, cast))
+            x = run_block(block, x, causal=True)
         return self._text_output(x, eot)
 
     def _text_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
@@ -186,7 +186,7 @@ class PromptedCLIP(nn.Module):
                 prompt = _per_sample(prompt, x.shape[0]).to(x.dtype)
                 x = torch.cat([x[:, : x.shape[1] - n_prompt], prompt], dim=1)
                 n_prompt = prompt.shape[1]
-            x = block(x)
+            x = run_block(block, x)
         pooled, _ = visual._pool(x)
         return pooled @ visual.proj if visual.proj is not None else pooled
 
@@ -197,10 +197,8 @@ class PromptedCLIP(nn.Module):
                   mask: torch.Tensor | None) -> torch.Tensor:
         # Prompts join the keys and values of self-attention only: the query length, and everything
         # after attention, stay as they are. open_clip's block.forward would drop k_x/v_x here.
-        q = block.ln_1(x)
-        kv = q if prompt is None else torch.cat([block.ln_1(_per_sample(prompt, x.shape[0]).to(x.dtype)), q], 1)
-        x = x + block.ls_1(block.attention(q_x=q, k_x=kv, v_x=kv, attn_mask=mask))
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
+        prefix = None if prompt is None else block.ln_1(_per_sample(prompt, x.shape[0]).to(x.dtype))
+        return run_block(block, x, kv_prefix=prefix, mask=mask)
 
     @staticmethod
     def _kv_mask(base: torch.Tensor | None, length: int, n_prompt: int, active: torch.Tensor | None,
@@ -307,6 +305,53 @@ def _load_embedded(name: str, device: torch.device | str) -> PromptedCLIP:
         model = open_clip.create_model(EMBEDDED_BACKBONE, pretrained=None)
     load_compact(model, path)
     return PromptedCLIP(model.to(device), open_clip.get_tokenizer(EMBEDDED_BACKBONE), EMBEDDED_BACKBONE)
+
+
+def _lean(block: nn.Module) -> bool:
+    # open_clip's standard pre-norm block around nn.MultiheadAttention (what every CLIP ViT uses).
+    return isinstance(getattr(block, "attn", None), nn.MultiheadAttention) and block.attn.batch_first \
+        and block.attn.in_proj_weight is not None and not hasattr(block, "ln_1_kv")
+
+
+def run_block(block: nn.Module, x: torch.Tensor, causal: bool = False, kv_prefix: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One residual attention block of a frozen tower, (N, L, D) → (N, L, D).
+
+    Same maths as open_clip's ``block(x, attn_mask=...)``, but attention goes straight to
+    ``scaled_dot_product_attention`` (``is_causal`` instead of a mask tensor for the text tower):
+    ``nn.MultiheadAttention`` leaves its fused path whenever autograd records (always, when prompts
+    learn) and falls back to a long chain of small ops, which dominates a small model's step.
+    ``kv_prefix`` ((N, P, D), already normed) joins the keys and values only (ADAPT); ``mask`` is an
+    additive (L, P + L) mask. Blocks of another shape run their own forward.
+    """
+    if not _lean(block):
+        if kv_prefix is None:
+            return block(x, attn_mask=mask if mask is not None else (_causal(x) if causal else None))
+        q = block.ln_1(x)
+        kv = torch.cat([kv_prefix, q], 1)
+        x = x + block.ls_1(block.attention(q_x=q, k_x=kv, v_x=kv, attn_mask=mask))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+    attn = block.attn
+    n, length, width = x.shape
+    heads = attn.num_heads
+    h = block.ln_1(x)
+    if kv_prefix is None:
+        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(n, length, 3, heads, -1).unbind(2)
+    else:
+        w_q, w_kv = attn.in_proj_weight.split([width, 2 * width])
+        b_q, b_kv = attn.in_proj_bias.split([width, 2 * width])
+        q = F.linear(h, w_q, b_q).view(n, length, heads, -1)
+        k, v = F.linear(torch.cat([kv_prefix, h], 1), w_kv, b_kv).view(n, -1, 2, heads, width // heads).unbind(2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=None if mask is None else mask.to(q.dtype),
+                                         is_causal=causal and mask is None)
+    out = F.linear(out.transpose(1, 2).reshape(n, length, width), attn.out_proj.weight, attn.out_proj.bias)
+    x = x + block.ls_1(out)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _causal(x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[1], x.shape[1]), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
 
 
 def _per_sample(prompt: torch.Tensor, n: int) -> torch.Tensor:

@@ -327,6 +327,7 @@ def run_study(spec: StudySpec, tracking_uri: str | None = None, storage: str | N
         status = "FAILED"
         raise
     finally:
+        tracker.close()
         progress.set_finished(count_finished(study))
         progress.close()
         if close:

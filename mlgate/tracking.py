@@ -10,10 +10,8 @@ import os
 import re
 import socket
 import sys
-import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from mlgate import __version__
 from mlgate.context import context_tags
+from mlgate.sender import MetricSender, is_connection_error
 from mlgate.verdicts import MetricHistory
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -48,69 +47,45 @@ def redact(url: str) -> str:
 class TrialRun:
     """An MLflow child run for one trial; also the trainer's metric sink.
 
-    Metrics are buffered and sent asynchronously (one background ``log_batch`` per flush, training
-    goes on meanwhile). When the tracking server cannot be reached they stay pending and go out with
-    a later flush; the run is closed only once everything pending has landed. An outage longer than
-    ``outage_s`` fails the trial.
+    Metrics go to a :class:`~mlgate.sender.MetricSender` process, which sends them with ``log_batch``
+    while training goes on and keeps them through a tracking-server outage; the run is closed only
+    once everything has landed. Artifacts and tags are sent from here, retried through an outage of
+    up to ``outage_s``.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, outage_s: float = 600.0) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, sender: MetricSender, outage_s: float = 600.0) -> None:
         self.client = client
         self.run_id = run_id
         self.history = MetricHistory()
         self.outage_s = outage_s
-        self._pending: list[Metric] = []
-        self._lock = threading.Lock()
-        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlgate-metrics")
-        self._sending: Future | None = None
+        self._sender = sender
         self._down_since: float | None = None
 
     def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        """Queue the rows; a background thread sends everything pending in one ``log_batch``."""
+        """Queue the rows; the sender process delivers them."""
         now = int(time.time() * 1000)
-        with self._lock:
-            self._pending += [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()]
+        self._sender.log(self.run_id, [(k, float(v), now, step) for step, values in rows for k, v in values.items()])
         self.history.add(rows)
-        if self._sending is None or self._sending.done():
-            if self._sending is not None:
-                self._sending.result()  # surfaces an outage that outlasted outage_s
-            self._sending = self._sender.submit(self._send_pending, False)
 
-    def _send_pending(self, block: bool) -> None:
-        with self._lock:
-            batch = list(self._pending)
-        if not batch:
-            return
-        try:
-            self._retry(lambda: self.client.log_batch(self.run_id, metrics=batch), block)
-        except _Unreachable:
-            return  # kept; a later flush tries again
-        with self._lock:
-            del self._pending[: len(batch)]
+    def flush(self) -> None:
+        """Wait until every queued metric has landed (through an outage of up to the sender's limit)."""
+        self._sender.flush(self.run_id)
 
     def _retry(self, call, block: bool = True):
-        """Run an MLflow call; on connection trouble retry with backoff (``block``) or give up for now.
-        Raises once the tracking server has been unreachable for longer than ``outage_s``."""
+        """Run an MLflow call; on connection trouble retry with backoff. Raises once the tracking
+        server has been unreachable for longer than ``outage_s``."""
         delay = 0.5
         while True:
             try:
                 result = call()
-                if self._down_since is not None:
-                    print(f"mlgate: MLflow tracking reachable again after {time.time() - self._down_since:.0f}s; "
-                          "buffered metrics sent", file=sys.stderr, flush=True)
                 self._down_since = None
                 return result
             except (MlflowException, OSError) as exc:
-                if not _is_connection_error(exc):
+                if not is_connection_error(exc):
                     raise
-                if self._down_since is None:
-                    print("mlgate: MLflow tracking unreachable; buffering metrics and retrying",
-                          file=sys.stderr, flush=True)
                 self._down_since = self._down_since or time.time()
                 if time.time() - self._down_since > self.outage_s:
                     raise RuntimeError(f"MLflow tracking unreachable for over {self.outage_s:.0f}s: {exc}") from exc
-                if not block:
-                    raise _Unreachable from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -127,10 +102,7 @@ class TrialRun:
     def end(self, state: str, verdict: str, error: BaseException | None = None) -> None:
         """Send what is pending, tag the outcome and close the run: FINISHED, KILLED (pruned or
         interrupted) or FAILED."""
-        if self._sending is not None:
-            self._sending.result()
-        self._send_pending(block=True)
-        self._sender.shutdown()
+        self.flush()
         tags = [RunTag(STATE, state), RunTag(VERDICT, verdict)]
         if error is not None:
             tags.append(RunTag("mlgate.error", f"{type(error).__name__}: {error}"[:500]))
@@ -139,18 +111,6 @@ class TrialRun:
         self._retry(lambda: self.client.log_batch(self.run_id, tags=tags))
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else _RUN_STATUS[state]
         self._retry(lambda: self.client.set_terminated(self.run_id, status=status))
-
-
-class _Unreachable(Exception):
-    """The tracking server did not answer this time."""
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    # MLflow wraps requests' connection errors in MlflowException; OSError covers the rest of the stack.
-    text = f"{type(exc).__name__}: {exc}"
-    markers = ("Connection", "Max retries exceeded", "Failed to establish", "timed out", "Temporary failure",
-               "API request to", "refused")
-    return isinstance(exc, (ConnectionError, TimeoutError)) or any(m in text for m in markers)
 
 
 class StudyTracker:
@@ -162,6 +122,20 @@ class StudyTracker:
         self.study_name = study_name
         self.experiment_id = self._experiment(experiment)
         self.study_run_id: str | None = None
+        self._sender: MetricSender | None = None
+
+    @property
+    def sender(self) -> MetricSender:
+        """The metric sender process of this study's trials (started with the first trial)."""
+        if self._sender is None:
+            self._sender = MetricSender(self.tracking_uri)
+        return self._sender
+
+    def close(self) -> None:
+        """Stop the metric sender (every trial run has already flushed its metrics)."""
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -234,7 +208,7 @@ class StudyTracker:
             },
         )
         self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-        return TrialRun(self.client, run.info.run_id)
+        return TrialRun(self.client, run.info.run_id, self.sender)
 
     def fail_run(self, run_id: str, reason: str) -> None:
         """Close a trial run whose worker died: FAILED, with the reason as tag and ``error.txt``."""

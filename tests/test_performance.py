@@ -87,3 +87,34 @@ def test_cached_and_uncached_features_give_the_same_logits_and_gradients():
         results.append((logits.detach(), method.ctx.grad.clone(), method.gates.grad.clone()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_lean_blocks_match_open_clips_own_forward():
+    # run_block bypasses nn.MultiheadAttention; it must compute what open_clip's block computes,
+    # values and gradients, for the causal text tower, the vision tower, and key/value prefixes.
+    from mlgate.clip import run_block
+
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    torch.manual_seed(0)
+    text_block, vision_block = clip.text.transformer.resblocks[1], clip.model.visual.transformer.resblocks[1]
+    for block, causal in ((text_block, True), (vision_block, False)):
+        x = torch.randn(3, 9, block.attn.embed_dim, requires_grad=True)
+        mask = torch.full((9, 9), float("-inf")).triu(1) if causal else None
+        ours, = torch.autograd.grad(run_block(block, x, causal=causal).square().sum(), x)
+        theirs, = torch.autograd.grad(block(x, attn_mask=mask).square().sum(), x)
+        torch.testing.assert_close(run_block(block, x, causal=causal), block(x, attn_mask=mask), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    x = torch.randn(2, 5, 128)
+    prefix = torch.randn(2, 3, 128, requires_grad=True)
+    mask = torch.zeros(5, 8)
+    mask[:, 1] = float("-inf")  # a pruned prefix token
+    q = text_block.ln_1(x)
+    kv = torch.cat([prefix, q], 1)
+    expected = x + text_block.attention(q_x=q, k_x=kv, v_x=kv, attn_mask=mask)
+    expected = expected + text_block.mlp(text_block.ln_2(expected))
+    got = run_block(text_block, x, kv_prefix=prefix, mask=mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    g_ours, = torch.autograd.grad(got.sum(), prefix)
+    g_theirs, = torch.autograd.grad(expected.sum(), prefix)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-4, rtol=1e-4)
+    assert g_ours[:, 1].abs().max() == 0  # the masked token takes no part

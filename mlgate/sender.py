@@ -1,0 +1,169 @@
+"""Metric batches sent to MLflow from a separate process.
+
+A ``log_batch`` of a thousand metrics costs MLflow's SQL store about 0.1 s of Python. From a thread it
+holds the GIL against the training loop, whose many small tensor ops each wait to take it back (on a
+GPU, the device then idles); from this process it costs the loop nothing but the queue put. The sender
+keeps what it cannot deliver while the tracking server is down and retries with backoff; a trial's run
+is closed only after :meth:`MetricSender.flush` says everything landed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any
+
+Row = tuple[str, float, int, int]  # key, value, timestamp (ms), step
+
+_CONNECTION_MARKERS = ("Connection", "Max retries exceeded", "Failed to establish", "timed out",
+                       "Temporary failure", "API request to", "refused")
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether an MLflow call failed because the tracking server could not be reached."""
+    # MLflow wraps requests' connection errors in MlflowException; OSError covers the rest of the stack.
+    text = f"{type(exc).__name__}: {exc}"
+    return isinstance(exc, (ConnectionError, TimeoutError)) or any(m in text for m in _CONNECTION_MARKERS)
+
+
+def _serve(uri: str, env: dict[str, str], requests: Any, replies: Any, outage_s: float) -> None:
+    """The sender process: ``("log", run_id, rows)``, ``("flush", run_id, token)``, ``("stop",)``."""
+    os.environ.clear()
+    os.environ.update(env)  # the parent's environment now (a forkserver child would have the server's)
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    pending: dict[str, list[Row]] = {}
+    failed: dict[str, str] = {}
+    down_since: float | None = None
+    waiting: list[tuple[str, int]] = []  # flushes answered once their run's rows have landed
+
+    def send_all() -> bool:
+        # Everything pending, run by run; False while the server cannot be reached.
+        nonlocal down_since
+        for run_id in list(pending):
+            rows = pending[run_id]
+            try:
+                client.log_batch(run_id, metrics=[Metric(*row) for row in rows])
+            except (MlflowException, OSError) as exc:
+                if not is_connection_error(exc):
+                    failed[run_id] = f"{type(exc).__name__}: {exc}"
+                    del pending[run_id]
+                    continue
+                if down_since is None:
+                    print("mlgate: MLflow tracking unreachable; buffering metrics and retrying",
+                          file=sys.stderr, flush=True)
+                    down_since = time.time()
+                if time.time() - down_since > outage_s:
+                    for run in pending:
+                        failed[run] = f"MLflow tracking unreachable for over {outage_s:.0f}s: {exc}"
+                    pending.clear()
+                return False
+            del pending[run_id]
+        if down_since is not None:
+            print(f"mlgate: MLflow tracking reachable again after {time.time() - down_since:.0f}s; "
+                  "buffered metrics sent", file=sys.stderr, flush=True)
+            down_since = None
+        return True
+
+    delay = 0.5
+    while True:
+        try:
+            request = requests.get(timeout=delay if pending else None)
+        except queue.Empty:
+            request = None
+        if request is not None:
+            kind = request[0]
+            if kind == "stop":
+                send_all()
+                return
+            if kind == "log":
+                pending.setdefault(request[1], []).extend(request[2])
+                if not requests.empty():
+                    continue  # take everything queued into one batch per run
+            elif kind == "flush":
+                waiting.append((request[1], request[2]))
+        delivered = send_all()
+        delay = 0.5 if delivered else min(delay * 2, 10.0)
+        for run_id, token in list(waiting):
+            if run_id not in pending:
+                replies.put((token, failed.pop(run_id, None)))
+                waiting.remove((run_id, token))
+        for run_id in [r for r in failed if all(w[0] != r for w in waiting)]:
+            replies.put((None, run_id, failed[run_id]))  # an unsolicited failure, seen at the next log
+            del failed[run_id]
+
+
+class MetricSender:
+    """The sender process for one tracking URI; :meth:`close` it when done (its runs flushed)."""
+
+    def __init__(self, uri: str, outage_s: float = 600.0) -> None:
+        # forkserver: children forked from a clean process with MLflow already imported (not from this
+        # one, with its threads and CUDA context), so a sender starts in milliseconds after the first.
+        if "forkserver" in mp.get_all_start_methods():
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["mlgate.sender", "mlflow.tracking", "mlflow.entities"])
+        else:
+            ctx = mp.get_context("spawn")
+        self._requests, self._replies = ctx.Queue(), ctx.Queue()
+        self._process = ctx.Process(target=_serve, name="mlgate-metrics", daemon=True,
+                                    args=(uri, dict(os.environ), self._requests, self._replies, outage_s))
+        self._process.start()
+        self._tokens = itertools.count()
+        self._answers: dict[int, str | None] = {}
+        self._failures: dict[str, str] = {}
+        self._lock = threading.Lock()  # trials of one process may log from several threads
+
+    def log(self, run_id: str, rows: list[Row]) -> None:
+        """Queue rows for ``run_id``; raises if an earlier send for that run failed for good."""
+        with self._lock:
+            self._collect(block=False)
+            error = self._failures.pop(run_id, None)
+        if error:
+            raise RuntimeError(error)
+        self._requests.put(("log", run_id, rows))
+
+    def flush(self, run_id: str) -> None:
+        """Block until every row queued for ``run_id`` has landed; raises what made that impossible."""
+        with self._lock:
+            token = next(self._tokens)
+            self._requests.put(("flush", run_id, token))
+            while token not in self._answers:
+                if not self._collect(block=True):
+                    raise RuntimeError("the mlgate metric sender process died; this run's metrics may be incomplete")
+            error = self._answers.pop(token) or self._failures.pop(run_id, None)
+        if error:
+            raise RuntimeError(error)
+
+    def _collect(self, block: bool) -> bool:
+        # Read the replies there are (blocking: at least one); False when blocking found the process dead.
+        while True:
+            try:
+                reply = self._replies.get(timeout=1.0) if block else self._replies.get_nowait()
+            except queue.Empty:
+                if not block:
+                    return True
+                if not self._process.is_alive():
+                    return False
+                continue
+            if reply[0] is None:
+                self._failures[reply[1]] = reply[2]
+            else:
+                self._answers[reply[0]] = reply[1]
+            if block:
+                return True
+
+    def close(self) -> None:
+        """Send what is queued and stop the process."""
+        if self._process.is_alive():
+            self._requests.put(("stop",))
+            self._process.join(timeout=60)
+        if self._process.is_alive():
+            self._process.terminate()
