@@ -6,7 +6,8 @@
 - ``mlgate``: cached image features (for methods that do not prompt the vision tower), prompts
   trimmed to the longest one, one batched text pass, nothing synced to the host;
 - ``mlgate_diagnostics``: plus the gradient/gate diagnostics every step (one transfer per flush);
-- ``mlgate_logging``: plus the metrics sent to an MLflow run (SQLite in a temp dir) with ``log_batch``.
+- ``mlgate_logging``: plus the metrics sent to an MLflow run (SQLite in a temp dir) by the metric
+  sender process, at the trainer's flush cadence (at least twice per timed pass).
 
 Random-init weights and random images: the cost of a step does not depend on their values.
 """
@@ -40,7 +41,9 @@ def _sync(device: torch.device) -> None:
 
 class HostPeak:
     """The largest growth of this process's resident memory while in the ``with`` block (sampled every
-    few milliseconds): on the CPU, what a step allocates beyond the model and data already resident."""
+    few milliseconds): on the CPU, an upper bound of what a step allocates beyond the model and data
+    already resident (freed memory the allocator keeps is reused first; measure one configuration per
+    process for a clean figure)."""
 
     def __init__(self, interval_s: float = 0.002) -> None:
         import psutil
@@ -64,10 +67,13 @@ class HostPeak:
 
 
 def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmup: int, rounds: int,
-            device: torch.device) -> dict[str, tuple[float, float, float]]:
+            device: torch.device, settle: dict[str, Callable[[], None]] | None = None,
+            ) -> dict[str, tuple[float, float, float]]:
     """(steps per second, peak GPU MB, peak host growth MB) per configuration: each warmed up, then timed
     in ``rounds`` round-robin passes of ``steps`` steps (so drifts in machine load hit every configuration
-    alike), keeping the median pass."""
+    alike), keeping the median pass. ``settle[name]`` runs after each of that configuration's passes,
+    untimed (the metric sender drains, so its work does not land in the next configuration's time)."""
+    settle = settle or {}
     host = dict.fromkeys(steps_by_config, 0.0)
     for name, step in steps_by_config.items():
         with HostPeak() as peak:
@@ -89,6 +95,8 @@ def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmu
                 _sync(device)
                 times[name].append(time.perf_counter() - start)
             host[name] = max(host[name], peak.peak_mb)
+            if name in settle:
+                settle[name]()
             if device.type == "cuda":
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**20)
         counter += steps
@@ -138,6 +146,9 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
     features = images if fresh()[0].prompts_vision else torch.cat(
         [clip.encode_image(images[i : i + 256]).float() for i in range(0, pool, 256)]).detach()
 
+    # The trainer's flush cadence, but at least twice per timed pass: one send overlaps the pass.
+    every = max(1, min(flush_every, steps // 2))
+
     def mlgate_step(diagnose: bool, sink=None):
         m, opt, groups = fresh()
         m.train()
@@ -146,7 +157,7 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
         def step(i: int) -> None:
             idx = batches[i - 1]
             optimization_step(m, opt, groups, train_cfg, features[idx], labels[idx], class_ids, i, total, diag)
-            if diag is not None and i % min(flush_every, steps) == 0:  # every timed pass flushes at least once
+            if diag is not None and i % every == 0:
                 rows = diag.drain()
                 if sink is not None:
                     sink.log_metrics(rows)
@@ -165,7 +176,8 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
         sink = TrialRun(client, run.info.run_id, sender)
         makers = {"reference": lambda: reference_step, "mlgate": lambda: mlgate_step(False),
                   "mlgate_diagnostics": lambda: mlgate_step(True), "mlgate_logging": lambda: mlgate_step(True, sink)}
-        results = measure({name: makers[name]() for name in configs}, steps, warmup, rounds, dev)
+        results = measure({name: makers[name]() for name in configs}, steps, warmup, rounds, dev,
+                          settle={"mlgate_logging": sink.flush})
         sink.flush()  # the last batch lands before its store is deleted
         sender.close()
 

@@ -35,6 +35,10 @@ def _serve(uri: str, env: dict[str, str], requests: Any, replies: Any, outage_s:
     """The sender process: ``("log", run_id, rows)``, ``("flush", run_id, token)``, ``("stop",)``."""
     os.environ.clear()
     os.environ.update(env)  # the parent's environment now (a forkserver child would have the server's)
+    try:
+        os.nice(19)  # training comes first where cores are few; metrics catch up in the gaps
+    except OSError:
+        pass
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
