@@ -72,3 +72,20 @@ def test_eval_and_data_summary_commands(capsys, zero_shot):
     assert summary["splits"] == {"train": 40, "val": 40, "test_base": 500, "test_novel": 500}
     assert main(["data", "summary", "--data", "cifar"]) == 2
     assert "unknown dataset 'cifar'" in capsys.readouterr().err
+
+
+def test_a_local_checkpoint_loads_back_and_a_missing_one_is_named(tmp_path, capsys):
+    import torch
+
+    torch.manual_seed(3)
+    random_model = load_backbone("mlgate-tiny", None)  # random init, as any open_clip model
+    path = tmp_path / "checkpoint.pt"
+    torch.save(random_model.model.state_dict(), path)
+    loaded = load_backbone("mlgate-tiny", str(path))
+    for (name, a), (_, b) in zip(random_model.model.state_dict().items(), loaded.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not any(p.requires_grad for p in loaded.model.parameters()) and not loaded.model.training
+    with pytest.raises(MlgateError, match="backbone.pretrained: could not load weights .*missing.pt"):
+        load_backbone("mlgate-tiny", str(tmp_path / "missing.pt"))
+    assert main(["eval", "--pretrained", str(path), "--json"]) == 0  # the local file through the CLI
+    assert 0 <= json.loads(capsys.readouterr().out)["acc_base"] <= 100
