@@ -283,12 +283,13 @@ def frozen_features(clip: PromptedCLIP, data: FewShotData, spec: StudySpec, devi
     ``data.augment_views`` views of every image (each cached on its own), laid out view after view:
     a batch drawn from them picks an (image, view) pair, as an augmenting data loader would."""
     cache = FeatureCache(clip, device, spec.backbone.pretrained)
-    raw = {"train": data.train, "val": data.val, "test_base": data.test_base, "test_novel": data.test_novel}
-    splits = {k: cache(s) for k, s in raw.items() if k != "train" or not _augments(spec, s)}
-    if "train" not in splits:
+    splits = {"val": cache(data.val), "test_base": cache(data.test_base), "test_novel": cache(data.test_novel)}
+    if _augments(spec, data.train):
         views = [cache(Split(data.train.images.augmented(seed=v), data.train.labels))
                  for v in range(spec.data.augment_views)]
         splits["train"] = Split(torch.cat([v.images for v in views]), torch.cat([v.labels for v in views]))
+    else:
+        splits["train"] = cache(data.train)
     return splits
 
 
