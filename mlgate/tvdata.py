@@ -125,9 +125,10 @@ def read_torchvision(name: str, root: str | None, download: bool) -> Listing:
         Path(root).mkdir(parents=True, exist_ok=True)
     try:
         classnames, items = reader(tv, root, download)
-    except RuntimeError as exc:
-        if "not found" not in str(exc) and "corrupted" not in str(exc):
-            raise
+    except (RuntimeError, ValueError) as exc:
+        if "not found" not in str(exc) and "corrupted" not in str(exc):  # e.g. StanfordCars' dead download URL
+            raise MlgateError(f"data: torchvision cannot provide {name} under {root} ({exc}); use the CoOp "
+                              "layout (data.source: coop) with the files in place.") from None
         hint = ("the download did not complete" if download else
                 "set data.download: true to let torchvision fetch it there")
         raise MlgateError(f"data.root: torchvision found no {name} at {Path(root) / expected} ({exc}); "

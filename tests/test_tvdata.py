@@ -119,5 +119,10 @@ def test_missing_dataset_names_the_folder_and_the_download_switch(tmp_path, caps
     assert "torchvision has no 'imagenet'" in capsys.readouterr().err
     assert main(["data", "summary", "--data", "dtd", "--root", str(tmp_path), "--download"]) == 2
     assert "--source torchvision" in capsys.readouterr().err
+    # torchvision itself refuses some downloads (StanfordCars' URL is gone): said in one paragraph.
+    assert main(["data", "summary", "--data", "stanford_cars", "--root", str(tmp_path), "--source", "torchvision",
+                 "--download"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot provide stanford_cars" in err and "data.source: coop" in err and "Traceback" not in err
     with pytest.raises(ValueError, match="data.download needs data.source: torchvision"):
         StudySpec.model_validate(deep_update(TINY, {"data": {"name": "dtd", "download": True}}))
