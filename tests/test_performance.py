@@ -118,3 +118,35 @@ def test_lean_blocks_match_open_clips_own_forward():
     g_theirs, = torch.autograd.grad(expected.sum(), prefix)
     torch.testing.assert_close(g_ours, g_theirs, atol=1e-4, rtol=1e-4)
     assert g_ours[:, 1].abs().max() == 0  # the masked token takes no part
+
+
+def test_a_shared_prefix_is_encoded_once_with_the_same_features_and_gradients(monkeypatch):
+    # CoOp's prompts open with SOS + one shared context: computing that part once must change nothing.
+    from mlgate.describe import method_config
+    from mlgate.methods import build_method
+
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    names = [f"class number {i} with a longer name" if i % 3 else f"c{i}" for i in range(12)]
+    torch.manual_seed(0)
+    coop = build_method(method_config("coop", ["method.n_ctx=6", "method.ctx_init=null"]), clip, names)
+    ids = torch.arange(len(names))
+
+    def features_and_grad(encode, **kwargs):
+        prompts, eot = coop.tokens.assemble(coop.context(), ids)
+        out = encode(prompts, eot, **kwargs)
+        grad, = torch.autograd.grad(out.square().sum(), coop.ctx)
+        return out.detach(), grad
+
+    plain, plain_grad = features_and_grad(clip.encode_text_embeddings)
+    for chunk in (256, 5):  # one pass, and chunks of 5 under checkpointing
+        monkeypatch.setattr(clip, "text_chunk", chunk)
+        shared, shared_grad = features_and_grad(clip.encode_text_shared_prefix, n_shared=7)
+        torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(shared_grad, plain_grad, atol=1e-4, rtol=1e-4)
+    # CoOp takes the shared path itself (11 × 7 saved rows is below the default bar: lower it).
+    monkeypatch.setattr(clip, "shared_prefix_min_rows", 1)
+    calls = []
+    original = clip.encode_text_shared_prefix
+    monkeypatch.setattr(clip, "encode_text_shared_prefix", lambda *a, **k: calls.append(1) or original(*a, **k))
+    logits = coop(torch.randn(4, clip.model.visual.output_dim), ids)
+    assert calls and logits.shape == (4, len(names))

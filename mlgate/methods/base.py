@@ -170,6 +170,7 @@ class ClassTokens(nn.Module):
         with torch.no_grad():
             embedded = clip.embed_tokens(tokens)
         self.n_ctx = n_ctx
+        self.trimmed = trim  # untrimmed: the reference trainers' way, shortcuts off
         self.classnames = list(classnames)
         self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", embedded[:, 1 + n_ctx :].clone(), persistent=False)

@@ -60,6 +60,9 @@ class CoOp(PromptMethod):
         if ctx.dim() == 3:
             ctx = ctx[class_ids]
         prompts, eot = self.tokens.assemble_positioned(ctx, class_ids, self.cfg.class_token_position)
+        if ctx.dim() == 2 and self.cfg.class_token_position == "end" and self.tokens.trimmed:
+            # SOS + the shared context open every prompt: encoded once, not once per class.
+            return F.normalize(self.clip.encode_text_shared_prefix(prompts, eot, 1 + self.cfg.n_ctx), dim=-1)
         return F.normalize(self.clip.encode_text_embeddings(prompts, eot), dim=-1)
 
     def forward(self, image_features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
