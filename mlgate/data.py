@@ -7,6 +7,7 @@ only, and evaluation reports base and novel test accuracy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -129,12 +130,10 @@ def _draw_file(listing: Listing, shots: int, seed: int) -> Path:
     # CoOp's place for the draw (ROOT/<dataset>/split_fewshot/), or mlgate's cache where that is read-only.
     name = f"shot_{shots}-seed_{seed}.json"
     folder = listing.folder / "split_fewshot"
-    try:
+    with contextlib.suppress(OSError):  # a read-only dataset mount
         folder.mkdir(exist_ok=True)
-        if os.access(folder, os.W_OK):
-            return folder / name
-    except OSError:
-        pass
+    if folder.is_dir() and os.access(folder, os.W_OK):
+        return folder / name
     return cache_root() / "fewshot" / hashlib.sha1(str(listing.folder.resolve()).encode()).hexdigest()[:16] / name
 
 

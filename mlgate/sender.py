@@ -9,6 +9,7 @@ is closed only after :meth:`MetricSender.flush` says everything landed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
@@ -35,10 +36,8 @@ def _serve(uri: str, env: dict[str, str], requests: Any, replies: Any, outage_s:
     """The sender process: ``("log", run_id, rows)``, ``("flush", run_id, token)``, ``("stop",)``."""
     os.environ.clear()
     os.environ.update(env)  # the parent's environment now (a forkserver child would have the server's)
-    try:
+    with contextlib.suppress(OSError):
         os.nice(19)  # training comes first where cores are few; metrics catch up in the gaps
-    except OSError:
-        pass
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
