@@ -120,14 +120,15 @@ class PromptedCLIP(nn.Module):
         for block in blocks:
             states.append(shared)
             shared = run_block(block, shared, causal=True)
+        states_by_layer = torch.cat(states)
         return self._chunked(self._encode_after_prefix, x[:, n_shared:], eot_index - n_shared,
-                             lambda part: (torch.cat(states),))
+                             lambda part: (states_by_layer,))
 
     def _encode_after_prefix(self, x: torch.Tensor, eot: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         # x: (N, S, D) positioned embeddings after the shared prefix; states[i]: the prefix at layer i's input.
         n, length = x.shape[:2]
-        own = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
-        mask = torch.cat([own.new_zeros(length, states.shape[1]), own], dim=1)  # all of the prefix, causal after
+        causal = self._causal_mask(length, x.device, x.dtype)
+        mask = self._kv_mask(causal, length, states.shape[1], None, x.device, x.dtype)  # all of the prefix
         for block, prefix in zip(self.text.transformer.resblocks, states):
             x = run_block(block, x, kv_prefix=block.ln_1(prefix).expand(n, -1, -1), mask=mask)
         return self._text_output(x, eot)
