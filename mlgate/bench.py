@@ -69,9 +69,10 @@ class HostPeak:
 def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmup: int, rounds: int,
             device: torch.device, settle: dict[str, Callable[[], None]] | None = None,
             ) -> dict[str, tuple[float, float, float]]:
-    """(steps per second, peak GPU MB, peak host growth MB) per configuration: each warmed up, then timed
-    in ``rounds`` round-robin passes of ``steps`` steps (so drifts in machine load hit every configuration
-    alike), keeping the median pass. ``settle[name]`` runs after each of that configuration's passes,
+    """(steps per second, peak GPU MB, peak host growth MB) per configuration: each warmed up (host
+    memory is sampled then, so the sampler stays out of the timed passes), then timed in ``rounds``
+    round-robin passes of ``steps`` steps (so drifts in machine load hit every configuration alike),
+    keeping the median pass. ``settle[name]`` runs after each of that configuration's passes,
     untimed (the metric sender drains, so its work does not land in the next configuration's time)."""
     settle = settle or {}
     host = dict.fromkeys(steps_by_config, 0.0)
@@ -88,13 +89,11 @@ def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmu
             _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            with HostPeak() as peak:
-                start = time.perf_counter()
-                for i in range(steps):
-                    step(counter + i + 1)
-                _sync(device)
-                times[name].append(time.perf_counter() - start)
-            host[name] = max(host[name], peak.peak_mb)
+            start = time.perf_counter()
+            for i in range(steps):
+                step(counter + i + 1)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
             if name in settle:
                 settle[name]()
             if device.type == "cuda":
