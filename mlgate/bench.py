@@ -1,7 +1,8 @@
 """``mlgate bench``: training-step speed of a method in four configurations, measured in one run.
 
 - ``reference``: the way the reference trainers work — the frozen image encoder runs every step, the
-  text encoder sees the full 77-token context, the loss is read back to the host every step, no
+  text encoder sees the full 77-token context through open_clip's own blocks (``nn.MultiheadAttention``
+  with a mask tensor, every row of every layer), the loss is read back to the host every step, no
   diagnostics;
 - ``mlgate``: cached image features (for methods that do not prompt the vision tower), prompts
   trimmed to the longest one, one batched text pass, nothing synced to the host;
@@ -24,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from mlgate.clip import load_backbone
+from mlgate.clip import load_backbone, stock_blocks
 from mlgate.describe import method_config
 from mlgate.diagnostics import Diagnostics
 from mlgate.methods import build_method
@@ -135,10 +136,11 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
 
     def reference_step(i: int) -> None:
         idx = batches[i - 1]
-        x = images[idx] if ref.prompts_vision else clip.encode_image(images[idx])
-        loss = F.cross_entropy(ref(x, class_ids), labels[idx])
-        ref_opt.zero_grad()
-        loss.backward()
+        with stock_blocks():  # open_clip's blocks, every row of every layer, as the reference's CLIP
+            x = images[idx] if ref.prompts_vision else clip.encode_image(images[idx])
+            loss = F.cross_entropy(ref(x, class_ids), labels[idx])
+            ref_opt.zero_grad()
+            loss.backward()
         ref_opt.step()
         loss.item()  # the reference trainers log the loss every step
 

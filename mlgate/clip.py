@@ -8,6 +8,7 @@ backbone is registered as an ordinary open_clip model config (``mlgate-tiny``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -129,9 +130,11 @@ class PromptedCLIP(nn.Module):
         n, length = x.shape[:2]
         causal = self._causal_mask(length, x.device, x.dtype)
         mask = self._kv_mask(causal, length, states.shape[1], None, x.device, x.dtype)  # all of the prefix
-        for block, prefix in zip(self.text.transformer.resblocks, states):
-            x = run_block(block, x, kv_prefix=block.ln_1(prefix).expand(n, -1, -1), mask=mask)
-        return self._text_output(x, eot)
+        blocks = self.text.transformer.resblocks
+        for i, (block, prefix) in enumerate(zip(blocks, states)):
+            x = run_block(block, x, kv_prefix=block.ln_1(prefix).expand(n, -1, -1), mask=mask,
+                          rows=eot if i == len(blocks) - 1 else None)
+        return self._text_output(x)
 
     def _chunked(self, encode: Callable[..., torch.Tensor], x: torch.Tensor, eot: torch.Tensor,
                  args_for: Callable[[slice], tuple]) -> torch.Tensor:
@@ -158,6 +161,7 @@ class PromptedCLIP(nn.Module):
         """
         x, cast = self._text_input(x)
         eot = eot_index
+        last = len(self.text.transformer.resblocks) - 1
         for i, block in enumerate(self.text.transformer.resblocks):
             prompt = deep[i] if 0 < i < len(deep) else None
             if prompt is not None:
@@ -165,18 +169,17 @@ class PromptedCLIP(nn.Module):
                 x = torch.cat([x[:, :1], prompt, x[:, 1 + n_prompt :]], dim=1)
                 eot = eot + (prompt.shape[1] - n_prompt)
                 n_prompt = prompt.shape[1]
-            x = run_block(block, x, causal=True)
-        return self._text_output(x, eot)
+            x = run_block(block, x, causal=True, rows=eot if i == last else None)
+        return self._text_output(x)
 
     def _text_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
         # Token embeddings + positions, in the tower's compute dtype.
         cast = self.text.transformer.get_cast_dtype()
         return x.to(cast) + self.text.positional_embedding[: x.shape[1]].to(cast), cast
 
-    def _text_output(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        # Final norm, pooling at the EOT token, projection into the joint space.
-        x = self.text.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]
+    def _text_output(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (N, 1, D), the EOT token's state after the last block. Final norm, projection.
+        x = self.text.ln_final(x[:, 0])
         proj = self.text.text_projection
         if proj is None:
             return x
@@ -222,7 +225,19 @@ class PromptedCLIP(nn.Module):
                 prompt = _per_sample(prompt, x.shape[0]).to(x.dtype)
                 x = torch.cat([x[:, : x.shape[1] - n_prompt], prompt], dim=1)
                 n_prompt = prompt.shape[1]
-            x = run_block(block, x)
+            x = run_block(block, x, rows=self._pooled_rows(x) if i == len(visual.transformer.resblocks) - 1 else None)
+        return self._image_output(x)
+
+    def _pooled_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        # The CLS row, when the vision tower pools on it alone (CLIP's ViTs): the last block needs no other.
+        visual = self.model.visual
+        if visual.attn_pool is not None or getattr(visual, "pool_type", None) != "tok":
+            return None
+        return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+    def _image_output(self, x: torch.Tensor) -> torch.Tensor:
+        # Pooling (on CLS) and projection into the joint space.
+        visual = self.model.visual
         pooled, _ = visual._pool(x)
         return pooled @ visual.proj if visual.proj is not None else pooled
 
@@ -230,11 +245,11 @@ class PromptedCLIP(nn.Module):
 
     @staticmethod
     def _kv_block(block: nn.Module, x: torch.Tensor, prompt: torch.Tensor | None,
-                  mask: torch.Tensor | None) -> torch.Tensor:
+                  mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
         # Prompts join the keys and values of self-attention only: the query length, and everything
         # after attention, stay as they are. open_clip's block.forward would drop k_x/v_x here.
         prefix = None if prompt is None else block.ln_1(_per_sample(prompt, x.shape[0]).to(x.dtype))
-        return run_block(block, x, kv_prefix=prefix, mask=mask)
+        return run_block(block, x, kv_prefix=prefix, mask=mask, rows=rows)
 
     @staticmethod
     def _kv_mask(base: torch.Tensor | None, length: int, n_prompt: int, active: torch.Tensor | None,
@@ -254,12 +269,13 @@ class PromptedCLIP(nn.Module):
         ``active[i]`` a (P,) 0/1 mask of the tokens that take part (None: all)."""
         x, cast = self._text_input(x)
         causal = self._causal_mask(x.shape[1], x.device, cast)
-        for i, block in enumerate(self.text.transformer.resblocks):
+        blocks = self.text.transformer.resblocks
+        for i, block in enumerate(blocks):
             prompt = prompts[i] if i < len(prompts) else None
             n = 0 if prompt is None else prompt.shape[-2]
             mask = self._kv_mask(causal, x.shape[1], n, active[i] if active else None, x.device, cast)
-            x = self._kv_block(block, x, prompt, mask)
-        return self._text_output(x, eot_index)
+            x = self._kv_block(block, x, prompt, mask, eot_index if i == len(blocks) - 1 else None)
+        return self._text_output(x)
 
     def encode_image_kv(self, images: torch.Tensor, prompts: Sequence[torch.Tensor | None],
                         active: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -270,9 +286,9 @@ class PromptedCLIP(nn.Module):
             prompt = prompts[i] if i < len(prompts) else None
             n = 0 if prompt is None else prompt.shape[-2]
             mask = self._kv_mask(None, x.shape[1], n, active[i] if active else None, x.device, x.dtype)
-            x = self._kv_block(block, x, prompt, mask)
-        pooled, _ = visual._pool(x)
-        return pooled @ visual.proj if visual.proj is not None else pooled
+            last = i == len(visual.transformer.resblocks) - 1
+            x = self._kv_block(block, x, prompt, mask, self._pooled_rows(x) if last else None)
+        return self._image_output(x)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Image features (N, E) from the frozen vision tower."""
@@ -343,14 +359,30 @@ def _load_embedded(name: str, device: torch.device | str) -> PromptedCLIP:
     return PromptedCLIP(model.to(device), open_clip.get_tokenizer(EMBEDDED_BACKBONE), EMBEDDED_BACKBONE)
 
 
+_STOCK_BLOCKS = contextvars.ContextVar("stock_blocks", default=False)
+
+
+@contextlib.contextmanager
+def stock_blocks():
+    """Inside the block, :func:`run_block` runs open_clip's own block forward on every row, as the
+    reference trainers' CLIP does (``mlgate bench``'s reference configuration); tests compare too."""
+    token = _STOCK_BLOCKS.set(True)
+    try:
+        yield
+    finally:
+        _STOCK_BLOCKS.reset(token)
+
+
 def _lean(block: nn.Module) -> bool:
     # open_clip's standard pre-norm block around nn.MultiheadAttention (what every CLIP ViT uses).
+    if _STOCK_BLOCKS.get():
+        return False
     return isinstance(getattr(block, "attn", None), nn.MultiheadAttention) and block.attn.batch_first \
         and block.attn.in_proj_weight is not None and not hasattr(block, "ln_1_kv")
 
 
 def run_block(block: nn.Module, x: torch.Tensor, causal: bool = False, kv_prefix: torch.Tensor | None = None,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """One residual attention block of a frozen tower, (N, L, D) → (N, L, D).
 
     Same maths as open_clip's ``block(x, attn_mask=...)``, but attention goes straight to
@@ -358,32 +390,62 @@ def run_block(block: nn.Module, x: torch.Tensor, causal: bool = False, kv_prefix
     ``nn.MultiheadAttention`` leaves its fused path whenever autograd records (always, when prompts
     learn) and falls back to a long chain of small ops, which dominates a small model's step.
     ``kv_prefix`` ((N, P, D), already normed) joins the keys and values only (ADAPT); ``mask`` is an
-    additive (L, P + L) mask. Blocks of another shape run their own forward.
+    additive (L, P + L) mask. Blocks of another shape, and every block under :func:`stock_blocks`,
+    run open_clip's own forward.
+
+    ``rows`` ((N,) positions) keeps one output row per sequence, (N, 1, D): the pooled token, when
+    this is the last block. Every position still gives keys and values, but the query, the attention
+    output and the MLP run for that row alone, which is most of the last block's work.
     """
     if not _lean(block):
         if kv_prefix is None:
-            return block(x, attn_mask=mask if mask is not None else (_causal(x) if causal else None))
-        q = block.ln_1(x)
-        kv = torch.cat([kv_prefix, q], 1)
-        x = x + block.ls_1(block.attention(q_x=q, k_x=kv, v_x=kv, attn_mask=mask))
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
+            x = block(x, attn_mask=mask if mask is not None else (_causal(x) if causal else None))
+        else:
+            q = block.ln_1(x)
+            kv = torch.cat([kv_prefix, q], 1)
+            x = x + block.ls_1(block.attention(q_x=q, k_x=kv, v_x=kv, attn_mask=mask))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x if rows is None else _take_rows(x, rows)
     attn = block.attn
     n, length, width = x.shape
     heads = attn.num_heads
     h = block.ln_1(x)
-    if kv_prefix is None:
+    if kv_prefix is None and rows is None:
         q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(n, length, 3, heads, -1).unbind(2)
     else:
         w_q, w_kv = attn.in_proj_weight.split([width, 2 * width])
         b_q, b_kv = attn.in_proj_bias.split([width, 2 * width])
-        q = F.linear(h, w_q, b_q).view(n, length, heads, -1)
-        k, v = F.linear(torch.cat([kv_prefix, h], 1), w_kv, b_kv).view(n, -1, 2, heads, width // heads).unbind(2)
+        kv_input = h if kv_prefix is None else torch.cat([kv_prefix, h], 1)
+        if rows is not None:
+            x, h = _take_rows(x, rows), _take_rows(h, rows)
+            mask = _row_mask(mask, causal, rows, length, kv_input.shape[1], x.dtype)
+            causal = False
+        q = F.linear(h, w_q, b_q).view(n, h.shape[1], heads, -1)
+        k, v = F.linear(kv_input, w_kv, b_kv).view(n, -1, 2, heads, width // heads).unbind(2)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=None if mask is None else mask.to(q.dtype),
                                          is_causal=causal and mask is None)
-    out = F.linear(out.transpose(1, 2).reshape(n, length, width), attn.out_proj.weight, attn.out_proj.bias)
+    out = F.linear(out.transpose(1, 2).reshape(n, -1, width), attn.out_proj.weight, attn.out_proj.bias)
     x = x + block.ls_1(out)
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    # (N, L, D), (N,) → (N, 1, D): row rows[i] of sequence i.
+    return x[torch.arange(x.shape[0], device=x.device), rows].unsqueeze(1)
+
+
+def _row_mask(mask: torch.Tensor | None, causal: bool, rows: torch.Tensor, length: int, keys: int,
+              dtype: torch.dtype) -> torch.Tensor | None:
+    # The additive mask of the kept query rows, (N, 1, 1, keys): the rows of an (L, keys) mask, or the
+    # causal rule (a row sees positions up to its own) over the last ``length`` keys.
+    if mask is not None:
+        return mask[rows].unsqueeze(1).unsqueeze(1)
+    if not causal:
+        return None
+    later = torch.arange(length, device=rows.device).unsqueeze(0) > rows.unsqueeze(1)
+    later = F.pad(later, (keys - length, 0))  # a key/value prefix is visible to every row
+    return torch.zeros(later.shape, dtype=dtype, device=rows.device).masked_fill(later, float("-inf"))[:, None, None]
 
 
 def _causal(x: torch.Tensor) -> torch.Tensor:
