@@ -290,6 +290,10 @@ class TrainSpec(StrictModel):
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
+    compile: bool = Field(
+        False, description="Compile the training forward and loss with torch.compile: the first step of a "
+        "trial waits for compilation (seconds when the kernels are in the on-disk cache, up to a minute "
+        "when not), every later step is faster. Pays on long trials; on the CPU it needs a C++ compiler.")
 
     @field_validator("eval_interval")
     @classmethod

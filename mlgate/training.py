@@ -224,6 +224,33 @@ def use_bf16(cfg: TrainSpec, device: torch.device) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
+def classification_loss(method: PromptMethod, inputs: torch.Tensor, class_ids: torch.Tensor,
+                        targets: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """Cross-entropy of ``method``'s logits over ``class_ids``: the forward part of a step (what
+    ``train.compile`` compiles)."""
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = method(inputs, class_ids)
+    return F.cross_entropy(logits.float(), targets)
+
+
+_compiled_loss: Callable[..., torch.Tensor] | None = None
+
+
+def compiled_loss() -> Callable[..., torch.Tensor]:
+    """:func:`classification_loss` under ``torch.compile``, created once per process. Shapes are static
+    (a trial's batch and class set do not change); start each trial with :func:`reset_compiled` so
+    its graphs do not count against the recompile limit of the trials before it."""
+    global _compiled_loss
+    if _compiled_loss is None:
+        _compiled_loss = torch.compile(classification_loss, dynamic=False)
+    return _compiled_loss
+
+
+def reset_compiled() -> None:
+    """Forget the compiled graphs of earlier trials (their kernels stay in the on-disk cache)."""
+    torch.compiler.reset()
+
+
 def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, groups: dict[str, list[nn.Parameter]],
                       cfg: TrainSpec, inputs: torch.Tensor, targets: torch.Tensor, class_ids: torch.Tensor,
                       step: int, steps: int, diagnostics: Diagnostics | None = None) -> None:
@@ -233,9 +260,8 @@ def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, gr
     tricks = cfg.gates
     gates = groups.get("gate", [])
     method.gate_temperature = temperature_at(step - 1, steps, tricks.temperature)
-    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, inputs.device)):
-        logits = method(inputs, class_ids)
-    loss_cls = F.cross_entropy(logits.float(), targets)
+    loss_fn = compiled_loss() if cfg.compile else classification_loss
+    loss_cls = loss_fn(method, inputs, class_ids, targets, use_bf16(cfg, inputs.device))
     regularizers = method.regularizers()
     if gates and tricks.entropy_weight > 0:
         values = method.gate_values()
@@ -362,6 +388,8 @@ def train(spec: StudySpec, sink: Sink | None = None,
     record_gates(0)
     method.on_train_start(steps, steps_per_epoch)
     method.train()
+    if cfg.compile:
+        reset_compiled()
     train_split = splits["train"]
     try:
         for step in range(1, steps + 1):

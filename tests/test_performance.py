@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mlgate.cli import main
-from mlgate.clip import load_backbone
+from mlgate.clip import load_backbone, stock_blocks
 from mlgate.data import load_dataset
 from mlgate.spec import StudySpec
 from mlgate.training import FeatureCache, cache_dir, train
@@ -69,6 +69,8 @@ def test_trimmed_prompts_give_the_full_77_token_results(name):
     trimmed = method(inputs, torch.arange(3))
     method.use_full_context()
     torch.testing.assert_close(method(inputs, torch.arange(3)), trimmed, atol=1e-5, rtol=1e-5)
+    with stock_blocks():  # the bench's reference: open_clip's own blocks on all 77 tokens
+        torch.testing.assert_close(method(inputs, torch.arange(3)), trimmed, atol=1e-5, rtol=1e-5)
 
 
 def test_cached_and_uncached_features_give_the_same_logits_and_gradients():
@@ -120,6 +122,37 @@ def test_lean_blocks_match_open_clips_own_forward():
     assert g_ours[:, 1].abs().max() == 0  # the masked token takes no part
 
 
+def test_the_last_block_on_the_pooled_row_alone_changes_nothing():
+    # The last block computes the pooled token's row only (queries, attention output, MLP): its
+    # output and gradients must be those of that row in the full block, for every kind of block.
+    from mlgate.clip import run_block
+
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    torch.manual_seed(0)
+    text_block, vision_block = clip.text.transformer.resblocks[-1], clip.model.visual.transformer.resblocks[-1]
+    rows = torch.tensor([8, 2, 5])
+    mask = torch.zeros(9, 12)
+    mask[:, 1] = float("-inf")  # a pruned prefix token
+    mask[:, 3:] = torch.full((9, 9), float("-inf")).triu(1)
+    cases = [(text_block, dict(causal=True)), (vision_block, {}),
+             (text_block, dict(kv_prefix=torch.randn(3, 3, 128), mask=mask))]
+    for block, kwargs in cases:
+        x = torch.randn(3, 9, 128, requires_grad=True)
+        full = run_block(block, x, **kwargs)[torch.arange(3), rows]
+        kept = run_block(block, x, rows=rows, **kwargs)
+        assert kept.shape == (3, 1, 128)
+        torch.testing.assert_close(kept[:, 0], full, atol=1e-5, rtol=1e-4)
+        g_full, = torch.autograd.grad(full.square().sum(), x)
+        g_kept, = torch.autograd.grad(kept.square().sum(), x)
+        torch.testing.assert_close(g_kept, g_full, atol=1e-5, rtol=1e-4)
+        if kwargs:  # causal: row 2 of sequence 1 sees nothing after it
+            assert g_kept[1, :3].abs().sum() > 0 and g_kept[1, 3:].abs().max() == 0
+    # Through a whole tower: the prompted image forward without prompts is open_clip's encode_image.
+    images = torch.randn(4, 3, clip.image_norm.size, clip.image_norm.size)
+    torch.testing.assert_close(clip.encode_image_prompted(images), clip.model.encode_image(images), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(clip.encode_image_kv(images, []), clip.model.encode_image(images), atol=1e-5, rtol=1e-4)
+
+
 def test_a_shared_prefix_is_encoded_once_with_the_same_features_and_gradients(monkeypatch):
     # CoOp's prompts open with SOS + one shared context: computing that part once must change nothing.
     from mlgate.describe import method_config
@@ -150,3 +183,20 @@ def test_a_shared_prefix_is_encoded_once_with_the_same_features_and_gradients(mo
     monkeypatch.setattr(clip, "encode_text_shared_prefix", lambda *a, **k: calls.append(1) or original(*a, **k))
     logits = coop(torch.randn(4, clip.model.visual.output_dim), ids)
     assert calls and logits.shape == (4, len(names))
+
+
+def test_a_compiled_step_trains_like_an_eager_one_and_compiles_once():
+    # train.compile: the same losses step by step, also while the gate temperature anneals (a tensor
+    # the compiled graph reads, not a constant it would recompile for at every value).
+    from torch._dynamo.utils import counters
+
+    sections = {"train": {"steps": 8, "eval_interval": 8, "gates": {"temperature": {"start": 2.0, "end": 0.5}}}}
+    losses = {}
+    for compiled in (False, True):
+        counters.clear()
+        spec = StudySpec.model_validate(deep_update(TINY, deep_update(sections, {"train": {"compile": compiled}})))
+        outcome = train(spec)
+        losses[compiled] = list(outcome.history["loss/total"])
+        assert counters["stats"]["unique_graphs"] == (1 if compiled else 0)
+    assert len(losses[True]) == 8
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)

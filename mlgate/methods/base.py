@@ -80,8 +80,19 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
         super().__init__()
         object.__setattr__(self, "clip", clip)  # frozen backbone: used, not owned (no params, no state)
         self.cfg = cfg
-    #: Temperature T of the gate sigmoid σ(g/T); the trainer anneals it when the spec asks.
-    gate_temperature: float = 1.0
+        # A tensor updated in place, not a float: a compiled step (train.compile) reads it as an input
+        # rather than recompiling for every value an annealing schedule takes.
+        device = clip.text.token_embedding.weight.device
+        self.register_buffer("_gate_temperature", torch.ones((), device=device), persistent=False)
+
+    @property
+    def gate_temperature(self) -> torch.Tensor:
+        """Temperature T of the gate sigmoid σ(g/T) (a 0-d tensor); the trainer anneals it when the spec asks."""
+        return self._gate_temperature
+
+    @gate_temperature.setter
+    def gate_temperature(self, value: float) -> None:
+        self._gate_temperature.fill_(value)
 
     def gate_activation(self, logits: torch.Tensor) -> torch.Tensor:
         """Gate values σ(g/T) of gate logits."""
