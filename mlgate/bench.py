@@ -106,13 +106,14 @@ def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmu
 def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 10, batch: int = 32,
           steps: int = 20, warmup: int = 3, overrides: list[str] | None = None, device: str = "auto",
           flush_every: int = 50, rounds: int = 3, configs: tuple[str, ...] = CONFIGS,
-          name_words: int = 1) -> dict[str, Any]:
+          name_words: int = 1, compile: bool = False) -> dict[str, Any]:
     """Steps/s, images/s and peak memory of ``method`` in the chosen configurations (default: all
     four), and the ratios between them. Class names are ``name_words`` words long (ImageNet's run
-    to about 6), which sets the length of the trimmed prompts."""
+    to about 6), which sets the length of the trimmed prompts. ``compile`` runs the mlgate
+    configurations with ``train.compile`` (the reference stays eager, as the reference trainers)."""
     dev = resolve_device(device)
     cfg = method_config(method, overrides or [])
-    train_cfg = TrainSpec()
+    train_cfg = TrainSpec(compile=compile)
     clip = load_backbone(backbone, None, dev)
     classnames = [" ".join([f"class {i}"] + ["word"] * (name_words - 1)) for i in range(n_classes)]
     size = clip.image_norm.size
@@ -153,7 +154,8 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
     def mlgate_step(diagnose: bool, sink=None):
         m, opt, groups = fresh()
         m.train()
-        diag = Diagnostics(groups.get("prompt", []), groups.get("gate", []), m.gate_values, m.metrics) if diagnose else None
+        diag = (Diagnostics(groups.get("prompt", []), groups.get("gate", []), m.gate_values, m.metrics)
+                if diagnose else None)
 
         def step(i: int) -> None:
             idx = batches[i - 1]
@@ -189,7 +191,7 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
 
     return {
         "method": method, "backbone": backbone, "device": str(dev), "classes": n_classes, "batch": batch,
-        "steps": steps, "warmup": warmup, "rounds": rounds, "bf16": use_bf16(train_cfg, dev),
+        "steps": steps, "warmup": warmup, "rounds": rounds, "bf16": use_bf16(train_cfg, dev), "compile": compile,
         "steps_per_s": {k: v[0] for k, v in results.items()},
         "images_per_s": {k: v[0] * batch for k, v in results.items()},
         "peak_memory_mb": {"gpu": {k: v[1] for k, v in results.items()},

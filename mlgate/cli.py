@@ -191,12 +191,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise MlgateError(f"--configs: unknown {', '.join(unknown)}; valid: {', '.join(CONFIGS)}.")
     result = bench(args.method, args.backbone, args.classes, args.batch, args.steps, args.warmup,
-                   list(args.set or []), args.device, rounds=args.rounds, configs=configs, name_words=args.name_words)
+                   list(args.set or []), args.device, rounds=args.rounds, configs=configs, name_words=args.name_words,
+                   compile=args.compile)
     if args.json:
         print(json.dumps(result))
         return 0
+    compiled = ", mlgate compiled" if result["compile"] else ""
     print(f"{result['method']} on {result['backbone']} ({result['device']}, {result['classes']} classes, "
-          f"batch {result['batch']}, median of {result['rounds']} passes of {result['steps']} steps)")
+          f"batch {result['batch']}, median of {result['rounds']} passes of {result['steps']} steps{compiled})")
     print(f"  {'configuration':<20} {'steps/s':>10} {'images/s':>10} {'GPU peak MB':>12} {'host step MB':>13}")
     memory = result["peak_memory_mb"]
     for name in configs:
@@ -268,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto")
     b.add_argument("--configs", help="comma-separated subset of the configurations (default: all four)")
     b.add_argument("--name-words", type=int, default=1, help="words per class name (prompt length; ImageNet: ~6)")
+    b.add_argument("--compile", action="store_true",
+                   help="the mlgate configurations with train.compile on (compiled during the warm-up)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

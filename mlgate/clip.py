@@ -422,12 +422,24 @@ def run_block(block: nn.Module, x: torch.Tensor, causal: bool = False, kv_prefix
             causal = False
         q = F.linear(h, w_q, b_q).view(n, h.shape[1], heads, -1)
         k, v = F.linear(kv_input, w_kv, b_kv).view(n, -1, 2, heads, width // heads).unbind(2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=None if mask is None else mask.to(q.dtype),
-                                         is_causal=causal and mask is None)
+    out = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                     None if mask is None else mask.to(q.dtype), causal and mask is None)
     out = F.linear(out.transpose(1, 2).reshape(n, -1, width), attn.out_proj.weight, attn.out_proj.bias)
     x = x + block.ls_1(out)
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               causal: bool) -> torch.Tensor:
+    # (N, H, Lq, d) queries over (N, H, Lk, d) keys and values; ``mask`` additive, broadcastable.
+    if q.device.type == "cpu" and torch.compiler.is_compiling():
+        # Compiled on the CPU (train.compile), the explicit softmax fuses into inductor's own kernels;
+        # the CPU flash-attention kernel stays a separate call, slower on prompt-length sequences.
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if causal:
+            mask = torch.full(scores.shape[-2:], float("-inf"), device=q.device, dtype=q.dtype).triu(1)
+        return (scores if mask is None else scores + mask).softmax(-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

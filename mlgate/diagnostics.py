@@ -1,11 +1,13 @@
 """Gradient and gate diagnostics in the contract's metric vocabulary, computed on the device.
 
-Every recorded step adds one small tensor on the training device; :meth:`Diagnostics.drain` moves all
-of them to the host in a single transfer, so diagnostics never sync the host per parameter or per step.
+A recorded step keeps a few small copies on the training device (gradient norms, the gate gradient and
+values); :meth:`Diagnostics.drain` computes every metric of the queued steps in one batched pass and moves
+them to the host in a single transfer, so diagnostics never sync the host per parameter or per step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -24,11 +26,12 @@ def group_grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # one fused pass
 
 
-def cancellation(term_grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """1 − ‖Σₖ gₖ‖ / Σₖ ‖gₖ‖ over the loss terms' gradients (0 = all agree, →1 = they cancel)."""
-    total = torch.stack(list(term_grads)).sum(0)
-    denominator = torch.stack([torch.linalg.vector_norm(g) for g in term_grads]).sum()
-    return 1.0 - torch.linalg.vector_norm(total) / denominator.clamp_min(_EPS)
+def cancellation(term_grads: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """1 − ‖Σₖ gₖ‖ / Σₖ ‖gₖ‖ over the loss terms' gradients (0 = all agree, →1 = they cancel): of a
+    list of gradients, or of a stacked (..., terms, G) tensor, one value per leading index."""
+    terms = term_grads if isinstance(term_grads, torch.Tensor) else torch.stack(list(term_grads))
+    denominator = torch.linalg.vector_norm(terms, dim=-1).sum(-1)
+    return 1.0 - torch.linalg.vector_norm(terms.sum(-2), dim=-1) / denominator.clamp_min(_EPS)
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -39,6 +42,58 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+
+
+GATE_KEYS = ("grad/gate_norm", "grad/gap_log10", "grad/gate_cancellation", "gate/mean", "gate/min", "gate/max",
+             "gate/drift", "gate/batch_std", "gate/effective_length", "gate/entropy")
+
+
+@dataclass
+class _Step:
+    """What one recorded step leaves for :meth:`Diagnostics.drain`: its raw ingredients, on the device."""
+
+    step: int
+    loss_keys: tuple[str, ...]
+    losses: torch.Tensor | None  # (n_losses,)
+    prompt_norm: torch.Tensor  # ()
+    gate_grad: torch.Tensor | None  # (G,), a copy (clipping later scales the gradients in place)
+    gate_values: torch.Tensor | None  # (G,), or (B, G) for input-dependent gates
+    reg_gate_grads: torch.Tensor | None  # (n_regularizers, G)
+    extra_keys: tuple[str, ...]
+    extra: torch.Tensor | None  # (n_extra,)
+
+    def signature(self) -> tuple:
+        # Steps with the same signature stack into one batch at drain time.
+        return (self.loss_keys, self.extra_keys, None if self.gate_values is None else tuple(self.gate_values.shape),
+                None if self.reg_gate_grads is None else self.reg_gate_grads.shape[0])
+
+
+def _gate_columns(steps: list[_Step], gate_init: torch.Tensor) -> torch.Tensor:
+    # (K, len(GATE_KEYS)): the gate metrics of K steps, computed together.
+    prompt_norm = torch.stack([s.prompt_norm for s in steps])
+    grad = torch.stack([s.gate_grad for s in steps])  # (K, G)
+    gate_norm = torch.linalg.vector_norm(grad, dim=-1)
+    prompt_norm = prompt_norm.to(grad.device)
+    if steps[0].reg_gate_grads is not None:
+        # The classification term's gate gradient is the total minus the regularizers' (linearity).
+        reg = torch.stack([s.reg_gate_grads for s in steps])  # (K, R, G)
+        cancel = cancellation(torch.cat([(grad - reg.sum(1)).unsqueeze(1), reg], dim=1))
+    else:  # with the classification term alone there is nothing to cancel: exactly 0
+        cancel = torch.zeros_like(gate_norm)
+    values = torch.stack([s.gate_values for s in steps])  # (K, G) or (K, B, G)
+    act = values.mean(1) if values.dim() == 3 else values
+    # Input dependence: std across the batch, averaged over gates (0 for static gates).
+    batch_std = values.std(1).mean(-1) if values.dim() == 3 and values.shape[1] > 1 else torch.zeros_like(gate_norm)
+    return torch.stack([
+        gate_norm,
+        torch.log10(prompt_norm.clamp_min(_EPS) / gate_norm.clamp_min(_EPS)),
+        cancel,
+        act.mean(-1), act.amin(-1), act.amax(-1),
+        (act - gate_init).abs().amax(-1),
+        batch_std,
+        act.sum(-1),
+        binary_entropy(act).mean(-1),
+    ], dim=1).float()
 
 
 class Diagnostics:
@@ -61,9 +116,7 @@ class Diagnostics:
         if self.gate_params:
             init = self._gate_values()
             self.gate_init = None if init is None or init.dim() > 1 else init.detach().clone()
-        self._steps: list[int] = []
-        self._keys: list[tuple[str, ...]] = []
-        self._rows: list[torch.Tensor] = []
+        self._queue: list[_Step] = []
 
     def gate_values(self) -> torch.Tensor:
         """Gate activations, flat (G,) — averaged over the batch for input-dependent gates."""
@@ -83,62 +136,60 @@ class Diagnostics:
     @torch.no_grad()
     def record(self, step: int, losses: dict[str, torch.Tensor] | None = None,
                reg_gate_grads: Sequence[torch.Tensor] | None = None) -> None:
-        """Queue this step's metrics as one device tensor.
+        """Queue this step's metrics.
 
         ``losses`` maps metric names (``loss/total``...) to scalars. ``reg_gate_grads`` are the
         regularizers' gate gradients (:meth:`term_gate_grads`): the classification term's is the total
         minus theirs (linearity), so cancellation needs no extra backward pass through the model.
+        Only the raw ingredients are kept here (a few small copies); every metric is computed at
+        :meth:`drain`, for all queued steps at once, which keeps the per-step cost to a handful of kernels.
         """
-        keys: list[str] = []
-        row: list[torch.Tensor] = []
-        for key, value in (losses or {}).items():
-            keys.append(key)
-            row.append(value.detach())
-        prompt_norm = group_grad_norm(self.prompt_params)
-        keys.append("grad/prompt_norm")
-        row.append(prompt_norm)
+        losses = losses or {}
+        gate_grad = values = reg = None
         if self.gate_params:
-            gate_grad = _flat([torch.zeros_like(p) if p.grad is None else p.grad for p in self.gate_params])
-            gate_norm = torch.linalg.vector_norm(gate_grad)
-            prompt_norm = prompt_norm.to(gate_grad.device)
-            reg = list(reg_gate_grads or [])
-            # With the classification term alone there is nothing to cancel: exactly 0, no kernels.
-            cancel = cancellation([gate_grad - torch.stack(reg).sum(0)] + reg) if reg else gate_norm.new_zeros(())
-            values = self._gate_values()
-            act = values.mean(0) if values.dim() > 1 else values
+            gate_grad = _flat([torch.zeros_like(p) if p.grad is None else p.grad for p in self.gate_params]).clone()
+            values = self._gate_values().detach()
             if self.gate_init is None:  # input-dependent gates: drift from their first measured mean
-                self.gate_init = act.detach().clone()
-            # Input dependence: std across the batch, averaged over gates (0 for static gates).
-            batch_std = values.std(0).mean() if values.dim() > 1 and values.shape[0] > 1 else act.new_zeros(())
-            keys += ["grad/gate_norm", "grad/gap_log10", "grad/gate_cancellation", "gate/mean", "gate/min",
-                     "gate/max", "gate/drift", "gate/batch_std", "gate/effective_length", "gate/entropy"]
-            row += [
-                gate_norm,
-                torch.log10(prompt_norm.clamp_min(_EPS) / gate_norm.clamp_min(_EPS)),
-                cancel,
-                act.mean(), act.min(), act.max(),
-                (act - self.gate_init).abs().max(),
-                batch_std,
-                act.sum(),
-                binary_entropy(act).mean(),
-            ]
+                self.gate_init = (values.mean(0) if values.dim() > 1 else values).clone()
+            reg = torch.stack(list(reg_gate_grads)) if reg_gate_grads else None
         extra = self._extra_metrics()
-        keys += list(extra)  # method-specific ones override the generic (e.g. effective_length)
-        row += list(extra.values())
-        device = row[-1].device
-        self._steps.append(step)
-        self._keys.append(tuple(keys))
-        row = [r if r.dtype == torch.float32 and r.device == device else r.to(device, torch.float32) for r in row]
-        self._rows.append(torch.stack(row))
+        self._queue.append(_Step(
+            step=step, loss_keys=tuple(losses),
+            losses=torch.stack([v.detach().float() for v in losses.values()]) if losses else None,
+            prompt_norm=group_grad_norm(self.prompt_params), gate_grad=gate_grad, gate_values=values,
+            reg_gate_grads=reg, extra_keys=tuple(extra),
+            extra=torch.stack([v.detach().float() for v in extra.values()]) if extra else None))
 
     def drain(self) -> list[tuple[int, dict[str, float]]]:
-        """Everything queued since the last drain, moved to the host in one transfer."""
-        if not self._rows:
+        """Every metric of the steps queued since the last drain, computed together and moved to the
+        host in one transfer."""
+        if not self._queue:
             return []
-        values = torch.cat(self._rows).cpu().tolist()
+        groups: dict[tuple, list[_Step]] = {}
+        for entry in self._queue:
+            groups.setdefault(entry.signature(), []).append(entry)
+        tables, layout = [], []
+        for steps in groups.values():
+            first = steps[0]
+            columns = [] if first.losses is None else [torch.stack([s.losses for s in steps])]
+            columns.append(torch.stack([s.prompt_norm for s in steps]).float().unsqueeze(1))
+            keys = [*first.loss_keys, "grad/prompt_norm"]
+            if first.gate_grad is not None:
+                columns.append(_gate_columns(steps, self.gate_init))
+                keys += GATE_KEYS
+            if first.extra is not None:  # method-specific ones override the generic (e.g. effective_length)
+                columns.append(torch.stack([s.extra for s in steps]))
+                keys += first.extra_keys
+            device = columns[-1].device
+            tables.append(torch.cat([c.to(device) for c in columns], dim=1).reshape(-1))
+            layout.append(([s.step for s in steps], keys))
+        device = tables[0].device
+        values = torch.cat([t.to(device) for t in tables]).cpu().tolist()
         out, start = [], 0
-        for step, keys in zip(self._steps, self._keys):
-            out.append((step, dict(zip(keys, values[start : start + len(keys)]))))
-            start += len(keys)
-        self._steps, self._keys, self._rows = [], [], []
+        for steps, keys in layout:
+            for step in steps:
+                out.append((step, dict(zip(keys, values[start : start + len(keys)]))))
+                start += len(keys)
+        self._queue = []
+        out.sort(key=lambda row: row[0])
         return out

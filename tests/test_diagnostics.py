@@ -57,6 +57,48 @@ def test_record_matches_hand_computation():
     assert diag.drain() == []
 
 
+def test_queued_steps_drain_to_the_same_rows_as_one_by_one():
+    # Metrics are computed at drain, for all queued steps together: each row must be the one its step
+    # would give alone, whatever the steps in between (other loss keys, gradients clipped in place after).
+    prompt = torch.nn.Parameter(torch.zeros(3))
+    gates = torch.nn.Parameter(torch.tensor([0.0, 1.0, -1.0]))
+    queued = Diagnostics([prompt], [gates])
+    alone = [Diagnostics([prompt], [gates]) for _ in range(3)]
+    expected, generator = [], torch.Generator().manual_seed(0)
+    for i, single in enumerate(alone):
+        with torch.no_grad():
+            gates.add_(torch.randn(3, generator=generator))
+        prompt.grad, gates.grad = torch.randn(3, generator=generator), torch.randn(3, generator=generator)
+        losses = {"loss/total": torch.tensor(float(i))} if i != 1 else None
+        reg = [torch.randn(3, generator=generator)] if i == 2 else None
+        queued.record(i + 1, losses, reg)
+        single.record(i + 1, losses, reg)
+        expected.append(single.drain()[0])
+        gates.grad.mul_(0.1)  # clipping scales gradients in place after recording
+    rows = queued.drain()
+    assert [step for step, _ in rows] == [1, 2, 3]
+    for (_, got), (_, want) in zip(rows, expected):
+        assert got.keys() == want.keys()
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-7)
+    assert rows[1][1].keys() >= {"grad/prompt_norm", "gate/drift"} and "loss/total" not in rows[1][1]
+    assert rows[2][1]["grad/gate_cancellation"] > 0 and rows[0][1]["grad/gate_cancellation"] == 0
+
+
+def test_input_dependent_gates_report_their_spread_across_the_batch():
+    prompt = torch.nn.Parameter(torch.zeros(2))
+    per_input = torch.tensor([[0.2, 0.9], [0.4, 0.5], [0.6, 0.1]])  # (B, G)
+    diag = Diagnostics([prompt], [torch.nn.Parameter(torch.zeros(2))], lambda: per_input)
+    for step in (1, 2):
+        prompt.grad = torch.ones(2)
+        diag.record(step)
+    rows = diag.drain()
+    assert len(rows) == 2
+    m = rows[1][1]
+    assert m["gate/batch_std"] == pytest.approx(per_input.std(0).mean().item())
+    assert m["gate/mean"] == pytest.approx(per_input.mean().item())
+    assert m["gate/drift"] == 0.0  # measured from the first recorded mean
+
+
 def test_verdicts():
     collapsed = {"gate/mean": [0.5] * 4, "grad/gap_log10": [1.0, 1.0, 2.5, 3.0], "gate/drift": [0.0, 0.01],
                  "gate/batch_std": [0.0]}

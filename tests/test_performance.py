@@ -186,17 +186,20 @@ def test_a_shared_prefix_is_encoded_once_with_the_same_features_and_gradients(mo
 
 
 def test_a_compiled_step_trains_like_an_eager_one_and_compiles_once():
-    # train.compile: the same losses step by step, also while the gate temperature anneals (a tensor
-    # the compiled graph reads, not a constant it would recompile for at every value).
+    # train.compile: the same losses and diagnostics step by step, also while the gate temperature
+    # anneals (a tensor the compiled graph reads, not a constant it would recompile for at every value).
     from torch._dynamo.utils import counters
 
     sections = {"train": {"steps": 8, "eval_interval": 8, "gates": {"temperature": {"start": 2.0, "end": 0.5}}}}
-    losses = {}
+    keys = ["loss/total", "grad/prompt_norm", "grad/gap_log10", "gate/drift", "gate/entropy"]
+    series = {}
     for compiled in (False, True):
         counters.clear()
         spec = StudySpec.model_validate(deep_update(TINY, deep_update(sections, {"train": {"compile": compiled}})))
         outcome = train(spec)
-        losses[compiled] = list(outcome.history["loss/total"])
+        series[compiled] = {key: list(outcome.history[key]) for key in keys}
+        # Compiled: one graph for the forward and loss, whatever the step.
         assert counters["stats"]["unique_graphs"] == (1 if compiled else 0)
-    assert len(losses[True]) == 8
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
+    for key in keys:
+        assert len(series[True][key]) == 8
+        assert series[True][key] == pytest.approx(series[False][key], rel=1e-4, abs=1e-5), key
