@@ -185,21 +185,28 @@ def test_a_shared_prefix_is_encoded_once_with_the_same_features_and_gradients(mo
     assert calls and logits.shape == (4, len(names))
 
 
-def test_a_compiled_step_trains_like_an_eager_one_and_compiles_once():
+@pytest.mark.parametrize("method", ["coop", "adapt"])
+def test_a_compiled_step_trains_like_an_eager_one_and_compiles_once(method):
     # train.compile: the same losses and diagnostics step by step, also while the gate temperature
-    # anneals (a tensor the compiled graph reads, not a constant it would recompile for at every value).
+    # anneals (a tensor the compiled graph reads, not a constant it would recompile for at every
+    # value) and while ADAPT prunes (masks updated in place).
     from torch._dynamo.utils import counters
 
-    sections = {"train": {"steps": 8, "eval_interval": 8, "gates": {"temperature": {"start": 2.0, "end": 0.5}}}}
-    keys = ["loss/total", "grad/prompt_norm", "grad/gap_log10", "gate/drift", "gate/entropy"]
+    sections = {"method": {"name": method},
+                "train": {"steps": 8, "eval_interval": 8, "gates": {"temperature": {"start": 2.0, "end": 0.5}}}}
+    if method == "adapt":
+        sections["method"].update({"n_k": 2, "r_p": 2, "t_target": 8})
+    keys = ["loss/total", "grad/prompt_norm"] + (["grad/gap_log10", "gate/drift", "gate/entropy"]
+                                                 if method == "coop" else ["mask/active_tokens"])
     series = {}
     for compiled in (False, True):
         counters.clear()
         spec = StudySpec.model_validate(deep_update(TINY, deep_update(sections, {"train": {"compile": compiled}})))
         outcome = train(spec)
         series[compiled] = {key: list(outcome.history[key]) for key in keys}
-        # Compiled: one graph for the forward and loss, whatever the step.
-        assert counters["stats"]["unique_graphs"] == (1 if compiled else 0)
+        assert counters["stats"]["unique_graphs"] == (1 if compiled else 0)  # whatever the step
+    if method == "adapt":
+        assert series[True]["mask/active_tokens"][-1] < series[True]["mask/active_tokens"][0]  # it pruned
     for key in keys:
-        assert len(series[True][key]) == 8
+        assert len(series[True][key]) == len(series[False][key]) >= 8
         assert series[True][key] == pytest.approx(series[False][key], rel=1e-4, abs=1e-5), key
