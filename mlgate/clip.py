@@ -437,7 +437,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         # the CPU flash-attention kernel stays a separate call, slower on prompt-length sequences.
         scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
         if causal:
-            mask = torch.full(scores.shape[-2:], float("-inf"), device=q.device, dtype=q.dtype).triu(1)
+            mask = _causal(scores)
         return (scores if mask is None else scores + mask).softmax(-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
@@ -461,7 +461,9 @@ def _row_mask(mask: torch.Tensor | None, causal: bool, rows: torch.Tensor, lengt
 
 
 def _causal(x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[1], x.shape[1]), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
+    # Additive causal mask for a sequence of length x.shape[-2] (tokens (N, L, D) or scores (..., L, L)).
+    length = x.shape[-2]
+    return torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
 
 
 def _per_sample(prompt: torch.Tensor, n: int) -> torch.Tensor:

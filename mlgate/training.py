@@ -6,6 +6,7 @@ callback (which may raise to stop the trial, e.g. ``optuna.TrialPruned``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -233,22 +234,12 @@ def classification_loss(method: PromptMethod, inputs: torch.Tensor, class_ids: t
     return F.cross_entropy(logits.float(), targets)
 
 
-_compiled_loss: Callable[..., torch.Tensor] | None = None
-
-
+@functools.cache
 def compiled_loss() -> Callable[..., torch.Tensor]:
     """:func:`classification_loss` under ``torch.compile``, created once per process. Shapes are static
-    (a trial's batch and class set do not change); start each trial with :func:`reset_compiled` so
-    its graphs do not count against the recompile limit of the trials before it."""
-    global _compiled_loss
-    if _compiled_loss is None:
-        _compiled_loss = torch.compile(classification_loss, dynamic=False)
-    return _compiled_loss
-
-
-def reset_compiled() -> None:
-    """Forget the compiled graphs of earlier trials (their kernels stay in the on-disk cache)."""
-    torch.compiler.reset()
+    (a trial's batch and class set do not change); each trial starts with ``torch.compiler.reset()``
+    so its graphs do not count against the recompile limit of the trials before it."""
+    return torch.compile(classification_loss, dynamic=False)
 
 
 def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, groups: dict[str, list[nn.Parameter]],
@@ -389,7 +380,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
     method.on_train_start(steps, steps_per_epoch)
     method.train()
     if cfg.compile:
-        reset_compiled()
+        torch.compiler.reset()  # earlier trials' graphs go (their kernels stay in the on-disk cache)
     train_split = splits["train"]
     try:
         for step in range(1, steps + 1):
