@@ -122,6 +122,42 @@ def test_lean_blocks_match_open_clips_own_forward():
     assert g_ours[:, 1].abs().max() == 0  # the masked token takes no part
 
 
+def test_quick_gelu_runs_as_one_silu_with_open_clips_values():
+    # OpenAI CLIP's QuickGELU is three elementwise passes over the MLP's wide hidden state; run_block
+    # folds its 1.702 into the frozen LayerNorm and biases and runs one SiLU, same values and gradients.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mlgate.clip import run_block
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    block = clip.text.transformer.resblocks[0]
+    assert type(block.mlp.gelu).__name__ == "QuickGELU"
+    x = torch.randn(4, 7, 128, requires_grad=True)
+    with Ops() as ops:
+        ours = run_block(block, x, causal=True)
+        ours.square().sum().backward()
+    assert "silu" in ops.names and "sigmoid" not in ops.names
+    ours_grad, x.grad = x.grad, None
+    theirs = block(x, attn_mask=torch.full((7, 7), float("-inf")).triu(1))
+    theirs.square().sum().backward()
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours_grad, x.grad, atol=1e-4, rtol=1e-4)
+
+    gelu = load_backbone("ViT-B-16", None).text.transformer.resblocks[0]  # nn.GELU: nothing to fold
+    y = torch.randn(2, 5, gelu.attn.embed_dim)
+    torch.testing.assert_close(run_block(gelu, y, causal=True),
+                               gelu(y, attn_mask=torch.full((5, 5), float("-inf")).triu(1)), atol=1e-5, rtol=1e-4)
+
+
 def test_the_last_block_on_the_pooled_row_alone_changes_nothing():
     # The last block computes the pooled token's row only (queries, attention output, MLP): its
     # output and gradients must be those of that row in the full block, for every kind of block.
