@@ -8,7 +8,10 @@
   trimmed to the longest one, one batched text pass, nothing synced to the host;
 - ``mlgate_diagnostics``: plus the gradient/gate diagnostics every step (one transfer per flush);
 - ``mlgate_logging``: plus the metrics sent to an MLflow run (SQLite in a temp dir) by the metric
-  sender process, at the trainer's flush cadence (at least twice per timed pass).
+  sender process, at the trainer's flush cadence (at least twice per timed pass). The sender runs
+  beside the trainer, on cores the trainer leaves idle; its own CPU time is reported too
+  (``sender_cpu_ms_per_step``, and ``ratios.logging_cpu`` as a fraction of step time): on a machine
+  with no core to spare, that is what logging adds to a trial.
 
 Random-init weights and random images: the cost of a step does not depend on their values.
 """
@@ -73,8 +76,9 @@ def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmu
     """(steps per second, peak GPU MB, peak host growth MB) per configuration: each warmed up (host
     memory is sampled then, so the sampler stays out of the timed passes), then timed in ``rounds``
     round-robin passes of ``steps`` steps (so drifts in machine load hit every configuration alike),
-    keeping the median pass. ``settle[name]`` runs after each of that configuration's passes,
-    untimed (the metric sender drains, so its work does not land in the next configuration's time)."""
+    keeping the median pass. ``settle[name]`` runs after that configuration's warm-up and each of its
+    passes, untimed (the metric sender drains, so its work does not land in the next configuration's
+    time; :func:`bench` reports that work separately, as the sender's CPU time)."""
     settle = settle or {}
     host = dict.fromkeys(steps_by_config, 0.0)
     for name, step in steps_by_config.items():
@@ -82,6 +86,8 @@ def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmu
             for i in range(warmup):
                 step(i + 1)
         host[name] = peak.peak_mb
+        if name in settle:
+            settle[name]()
     times: dict[str, list[float]] = {name: [] for name in steps_by_config}
     peaks = dict.fromkeys(steps_by_config, 0.0)
     counter = warmup
@@ -106,11 +112,12 @@ def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmu
 def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 10, batch: int = 32,
           steps: int = 20, warmup: int = 3, overrides: list[str] | None = None, device: str = "auto",
           flush_every: int = 50, rounds: int = 3, configs: tuple[str, ...] = CONFIGS,
-          name_words: int = 1, compile: bool = False) -> dict[str, Any]:
+          name_words: int = 1, compile: bool = False, diagnostics_every: int = 1) -> dict[str, Any]:
     """Steps/s, images/s and peak memory of ``method`` in the chosen configurations (default: all
     four), and the ratios between them. Class names are ``name_words`` words long (ImageNet's run
     to about 6), which sets the length of the trimmed prompts. ``compile`` runs the mlgate
-    configurations with ``train.compile`` (the reference stays eager, as the reference trainers)."""
+    configurations with ``train.compile`` (the reference stays eager, as the reference trainers).
+    ``diagnostics_every`` is the trainer's ``logging.diagnostics_every`` (default 1, as the spec's)."""
     dev = resolve_device(device)
     cfg = method_config(method, overrides or [])
     train_cfg = TrainSpec(compile=compile)
@@ -150,6 +157,7 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
 
     # The trainer's flush cadence, but at least twice per timed pass: one send overlaps the pass.
     every = max(1, min(flush_every, steps // 2))
+    logged_steps = undrained = 0  # training steps whose metrics went to the sender, and those still to go
 
     def mlgate_step(diagnose: bool, sink=None):
         m, opt, groups = fresh()
@@ -158,11 +166,16 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
                 if diagnose else None)
 
         def step(i: int) -> None:
+            nonlocal logged_steps, undrained
             idx = batches[i - 1]
-            optimization_step(m, opt, groups, train_cfg, features[idx], labels[idx], class_ids, i, total, diag)
+            diagnose = diag is not None and i % diagnostics_every == 0  # as the trainer's logging.diagnostics_every
+            optimization_step(m, opt, groups, train_cfg, features[idx], labels[idx], class_ids, i, total,
+                              diag if diagnose else None)
+            undrained += sink is not None
             if diag is not None and i % every == 0:
                 rows = diag.drain()
                 if sink is not None:
+                    logged_steps, undrained = logged_steps + undrained, 0
                     sink.log_metrics(rows)
 
         return step
@@ -179,9 +192,14 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
         sink = TrialRun(client, run.info.run_id, sender)
         makers = {"reference": lambda: reference_step, "mlgate": lambda: mlgate_step(False),
                   "mlgate_diagnostics": lambda: mlgate_step(True), "mlgate_logging": lambda: mlgate_step(True, sink)}
+        for prime in range(2):  # the store's one-off setup in the sender (engine, schema check) comes first
+            sink.log_metrics([(prime, {"bench/prime": 0.0})])
+            sink.flush()
+        sender_start = sender.cpu_seconds()
         results = measure({name: makers[name]() for name in configs}, steps, warmup, rounds, dev,
                           settle={"mlgate_logging": sink.flush})
         sink.flush()  # the last batch lands before its store is deleted
+        sender_s_per_step = (sender.cpu_seconds() - sender_start) / logged_steps if logged_steps else None
         sender.close()
 
     seconds = {k: 1.0 / v[0] for k, v in results.items()}
@@ -192,6 +210,7 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
     return {
         "method": method, "backbone": backbone, "device": str(dev), "classes": n_classes, "batch": batch,
         "steps": steps, "warmup": warmup, "rounds": rounds, "bf16": use_bf16(train_cfg, dev), "compile": compile,
+        "diagnostics_every": diagnostics_every,
         "steps_per_s": {k: v[0] for k, v in results.items()},
         "images_per_s": {k: v[0] * batch for k, v in results.items()},
         "peak_memory_mb": {"gpu": {k: v[1] for k, v in results.items()},
@@ -201,5 +220,10 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
             "speedup_vs_reference": ratio("reference", "mlgate"),
             "diagnostics_overhead": ratio("mlgate_diagnostics", "mlgate", 1.0),
             "logging_overhead": ratio("mlgate_logging", "mlgate_diagnostics", 1.0),
+            # The sender's CPU time per step over the step's time: what logging adds where no core is
+            # spare (on a saturated CPU the sender catches up when the trial's run is flushed).
+            "logging_cpu": (sender_s_per_step / seconds["mlgate_diagnostics"]
+                            if sender_s_per_step is not None and "mlgate_diagnostics" in seconds else None),
         },
+        "sender_cpu_ms_per_step": None if sender_s_per_step is None else 1e3 * sender_s_per_step,
     }

@@ -184,19 +184,22 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from mlgate.bench import CONFIGS, bench
 
-    if min(args.classes, args.batch, args.steps, args.rounds, args.name_words) < 1:
-        raise MlgateError("--classes, --batch, --steps, --rounds and --name-words take whole numbers >= 1.")
+    if min(args.classes, args.batch, args.steps, args.rounds, args.name_words, args.diagnostics_every) < 1:
+        raise MlgateError("--classes, --batch, --steps, --rounds, --name-words and --diagnostics-every take "
+                          "whole numbers >= 1.")
     configs = tuple(c.strip() for c in args.configs.split(",")) if args.configs else CONFIGS
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise MlgateError(f"--configs: unknown {', '.join(unknown)}; valid: {', '.join(CONFIGS)}.")
     result = bench(args.method, args.backbone, args.classes, args.batch, args.steps, args.warmup,
                    list(args.set or []), args.device, rounds=args.rounds, configs=configs, name_words=args.name_words,
-                   compile=args.compile)
+                   compile=args.compile, diagnostics_every=args.diagnostics_every)
     if args.json:
         print(json.dumps(result))
         return 0
     compiled = ", mlgate compiled" if result["compile"] else ""
+    if result["diagnostics_every"] > 1:
+        compiled += f", diagnostics every {result['diagnostics_every']} steps"
     print(f"{result['method']} on {result['backbone']} ({result['device']}, {result['classes']} classes, "
           f"batch {result['batch']}, median of {result['rounds']} passes of {result['steps']} steps{compiled})")
     print(f"  {'configuration':<20} {'steps/s':>10} {'images/s':>10} {'GPU peak MB':>12} {'host step MB':>13}")
@@ -208,6 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     parts = [f"speed-up vs reference {r['speedup_vs_reference']:.1f}x" if "speedup_vs_reference" in r else "",
              f"diagnostics overhead {100 * r['diagnostics_overhead']:+.1f}%" if "diagnostics_overhead" in r else "",
              f"logging overhead {100 * r['logging_overhead']:+.1f}%" if "logging_overhead" in r else "",
+             f"metric sender CPU {100 * r['logging_cpu']:.0f}% of a step" if "logging_cpu" in r else "",
              f"host peak {memory['host']:.0f} MB"]
     print("  " + "; ".join(p for p in parts if p))
     return 0
@@ -272,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--name-words", type=int, default=1, help="words per class name (prompt length; ImageNet: ~6)")
     b.add_argument("--compile", action="store_true",
                    help="the mlgate configurations with train.compile on (compiled during the warm-up)")
+    b.add_argument("--diagnostics-every", type=int, default=1, metavar="N",
+                   help="diagnostics (and their metrics) every N steps, as logging.diagnostics_every (default 1)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

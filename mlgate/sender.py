@@ -37,7 +37,9 @@ def _serve(uri: str, env: dict[str, str], requests: Any, replies: Any, outage_s:
     os.environ.clear()
     os.environ.update(env)  # the parent's environment now (a forkserver child would have the server's)
     with contextlib.suppress(OSError):
-        os.nice(19)  # training comes first where cores are few; metrics catch up in the gaps
+        # Training comes first where cores are few; metrics catch up in the gaps. (Not SCHED_IDLE: it
+        # starves the sender, and the flush that waits on it, while another worker keeps the cores busy.)
+        os.nice(19)
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -162,6 +164,14 @@ class MetricSender:
                 self._answers[reply[0]] = reply[1]
             if block:
                 return True
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the sender process has used so far: what logging costs on a
+        machine with no core to spare."""
+        import psutil
+
+        times = psutil.Process(self._process.pid).cpu_times()
+        return times.user + times.system
 
     def close(self) -> None:
         """Send what is queued and stop the process."""

@@ -50,9 +50,13 @@ def test_bench_reports_four_configurations_and_their_ratios(capsys):
     assert ratios["diagnostics_overhead"] == pytest.approx(sps["mlgate"] / sps["mlgate_diagnostics"] - 1)
     assert ratios["logging_overhead"] == pytest.approx(sps["mlgate_diagnostics"] / sps["mlgate_logging"] - 1)
     assert result["images_per_s"]["mlgate"] == pytest.approx(8 * sps["mlgate"])
+    # The metric sender's own CPU time is measured (a few log_batch calls: tens of ms), not left out.
+    assert result["sender_cpu_ms_per_step"] > 0
+    assert ratios["logging_cpu"] == pytest.approx(result["sender_cpu_ms_per_step"] / 1e3 * sps["mlgate_diagnostics"])
     assert main(["bench", "--method", "maple", "--steps", "1", "--warmup", "0", "--batch", "4"]) == 0
     assert "speed-up vs reference" in capsys.readouterr().out
     assert main(["bench", "--steps", "0"]) == 2
+    assert main(["bench", "--diagnostics-every", "0"]) == 2
 
 
 @pytest.mark.parametrize("name", ["coop", "cocoop", "maple", "adaptive_bimaple", "adapt"])

@@ -15,9 +15,11 @@ def test_rows_land_and_failures_reach_their_run(tmp_path):
     run_id = client.create_run(client.create_experiment("sender")).info.run_id
     sender = MetricSender(uri)
     try:
+        idle_cpu = sender.cpu_seconds()
         for start in range(0, 300, 100):  # several queued batches, sent while the caller goes on
             sender.log(run_id, [("loss/total", float(i), 0, i) for i in range(start, start + 100)])
         sender.flush(run_id)
+        assert sender.cpu_seconds() > idle_cpu  # the sending is the sender's work, and is measured
         history = client.get_metric_history(run_id, "loss/total")
         assert [m.step for m in history] == list(range(300)) and history[-1].value == 299.0
         sender.log("no-such-run", [("loss/total", 1.0, 0, 1)])
