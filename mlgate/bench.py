@@ -6,7 +6,8 @@
   diagnostics;
 - ``mlgate``: cached image features (for methods that do not prompt the vision tower), prompts
   trimmed to the longest one, one batched text pass, nothing synced to the host;
-- ``mlgate_diagnostics``: plus the gradient/gate diagnostics every step (one transfer per flush);
+- ``mlgate_diagnostics``: plus the gradient/gate diagnostics at the trainer's interval
+  (``logging.diagnostics_every``; one transfer per flush);
 - ``mlgate_logging``: plus the metrics sent to an MLflow run (SQLite in a temp dir) by the metric
   sender process, at the trainer's flush cadence (at least twice per timed pass). The sender runs
   beside the trainer, on cores the trainer leaves idle; its own CPU time is reported too
@@ -32,7 +33,7 @@ from mlgate.clip import load_backbone, stock_blocks
 from mlgate.describe import method_config
 from mlgate.diagnostics import Diagnostics
 from mlgate.methods import build_method
-from mlgate.spec import TrainSpec
+from mlgate.spec import LoggingSpec, TrainSpec
 from mlgate.training import build_optimizer, optimization_step, resolve_device, use_bf16
 
 CONFIGS = ("reference", "mlgate", "mlgate_diagnostics", "mlgate_logging")
@@ -112,12 +113,14 @@ def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmu
 def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 10, batch: int = 32,
           steps: int = 20, warmup: int = 3, overrides: list[str] | None = None, device: str = "auto",
           flush_every: int = 50, rounds: int = 3, configs: tuple[str, ...] = CONFIGS,
-          name_words: int = 1, compile: bool = False, diagnostics_every: int = 1) -> dict[str, Any]:
+          name_words: int = 1, compile: bool = False, diagnostics_every: int | None = None) -> dict[str, Any]:
     """Steps/s, images/s and peak memory of ``method`` in the chosen configurations (default: all
     four), and the ratios between them. Class names are ``name_words`` words long (ImageNet's run
     to about 6), which sets the length of the trimmed prompts. ``compile`` runs the mlgate
     configurations with ``train.compile`` (the reference stays eager, as the reference trainers).
-    ``diagnostics_every`` is the trainer's ``logging.diagnostics_every`` (default 1, as the spec's)."""
+    ``diagnostics_every`` is the trainer's ``logging.diagnostics_every`` (default: the spec's)."""
+    if diagnostics_every is None:
+        diagnostics_every = LoggingSpec().diagnostics_every
     dev = resolve_device(device)
     cfg = method_config(method, overrides or [])
     train_cfg = TrainSpec(compile=compile)

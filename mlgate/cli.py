@@ -184,7 +184,8 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from mlgate.bench import CONFIGS, bench
 
-    if min(args.classes, args.batch, args.steps, args.rounds, args.name_words, args.diagnostics_every) < 1:
+    if min(args.classes, args.batch, args.steps, args.rounds, args.name_words,
+           1 if args.diagnostics_every is None else args.diagnostics_every) < 1:
         raise MlgateError("--classes, --batch, --steps, --rounds, --name-words and --diagnostics-every take "
                           "whole numbers >= 1.")
     configs = tuple(c.strip() for c in args.configs.split(",")) if args.configs else CONFIGS
@@ -197,11 +198,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    compiled = ", mlgate compiled" if result["compile"] else ""
-    if result["diagnostics_every"] > 1:
-        compiled += f", diagnostics every {result['diagnostics_every']} steps"
+    settings = ", mlgate compiled" if result["compile"] else ""
+    settings += f", diagnostics every {result['diagnostics_every']} steps"
     print(f"{result['method']} on {result['backbone']} ({result['device']}, {result['classes']} classes, "
-          f"batch {result['batch']}, median of {result['rounds']} passes of {result['steps']} steps{compiled})")
+          f"batch {result['batch']}, median of {result['rounds']} passes of {result['steps']} steps{settings})")
     print(f"  {'configuration':<20} {'steps/s':>10} {'images/s':>10} {'GPU peak MB':>12} {'host step MB':>13}")
     memory = result["peak_memory_mb"]
     for name in configs:
@@ -276,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--name-words", type=int, default=1, help="words per class name (prompt length; ImageNet: ~6)")
     b.add_argument("--compile", action="store_true",
                    help="the mlgate configurations with train.compile on (compiled during the warm-up)")
-    b.add_argument("--diagnostics-every", type=int, default=1, metavar="N",
-                   help="diagnostics (and their metrics) every N steps, as logging.diagnostics_every (default 1)")
+    b.add_argument("--diagnostics-every", type=int, metavar="N",
+                   help="diagnostics (and their metrics) every N steps (default: logging.diagnostics_every's)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

@@ -15,7 +15,7 @@ TINY = {
     "method": {"name": "coop"},
     "data": {"shots": 4},
     "train": {"steps": 6, "batch_size": 8, "eval_interval": 3, "optimizer": {"lr": 0.01}},
-    "logging": {"flush_every": 2},
+    "logging": {"flush_every": 2, "diagnostics_every": 1},  # every step's metrics: tests look at them
     "search": {"train.gate_lr_mult": {"type": "float", "low": 1.0, "high": 100.0, "log": True}},
 }
 

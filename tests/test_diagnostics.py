@@ -117,7 +117,7 @@ def _spec(**sections) -> StudySpec:
     return StudySpec.model_validate(deep_update(TINY, sections))
 
 
-def test_training_logs_the_vocabulary_every_step():
+def test_training_logs_the_vocabulary_at_the_diagnostics_interval():
     rows = []
 
     class Keep:
@@ -140,6 +140,13 @@ def test_training_logs_the_vocabulary_every_step():
     b, n = outcome.final["acc/base"], outcome.final["acc/novel"]
     assert outcome.final["acc/hm"] == pytest.approx(2 * b * n / (b + n))
     assert outcome.verdict in (COLLAPSED, ADAPTIVE)
+
+    # The spec's default interval: every 10 steps, and the last step (the verdict's final values).
+    rows.clear()
+    default = deep_update(TINY, {"train": {"steps": 25, "eval_interval": 25}})
+    default["logging"] = {"flush_every": 2}
+    train(StudySpec.model_validate(default), Keep())
+    assert [s for s, m in rows if isinstance(m, dict) and "grad/gap_log10" in m] == [10, 20, 25]
 
 
 def test_gradient_clipping_bounds_the_update():
