@@ -40,7 +40,7 @@ def test_bf16_autocast_trains(monkeypatch):
 
 
 def test_bench_reports_four_configurations_and_their_ratios(capsys):
-    assert main(["bench", "--steps", "2", "--warmup", "1", "--batch", "8", "--diagnostics-every", "1", "--json"]) == 0
+    assert main(["bench", "--steps", "4", "--warmup", "1", "--batch", "8", "--diagnostics-every", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     configs = {"reference", "mlgate", "mlgate_diagnostics", "mlgate_logging"}
     assert set(result["steps_per_s"]) == configs and all(v > 0 for v in result["steps_per_s"].values())
