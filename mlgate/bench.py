@@ -171,9 +171,9 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
         def step(i: int) -> None:
             nonlocal logged_steps, undrained
             idx = batches[i - 1]
-            diagnose = diag is not None and i % diagnostics_every == 0  # as the trainer's logging.diagnostics_every
+            record = diag is not None and i % diagnostics_every == 0  # as the trainer's logging.diagnostics_every
             optimization_step(m, opt, groups, train_cfg, features[idx], labels[idx], class_ids, i, total,
-                              diag if diagnose else None)
+                              diag if record else None)
             undrained += sink is not None
             if diag is not None and i % every == 0:
                 rows = diag.drain()
