@@ -3,14 +3,16 @@
 A ``log_batch`` of a thousand metrics costs MLflow's SQL store about 0.1 s of Python. From a thread it
 holds the GIL against the training loop, whose many small tensor ops each wait to take it back (on a
 GPU, the device then idles); from this process it costs the loop nothing but the queue put. The sender
-keeps what it cannot deliver while the tracking server is down and retries with backoff; a trial's run
-is closed only after :meth:`MetricSender.flush` says everything landed.
+gathers rows for a couple of seconds into one ``log_batch`` per run, keeps what it cannot deliver while
+the tracking server is down and retries with backoff; a trial's run is closed only after
+:meth:`MetricSender.flush` says everything landed (a flush sends at once).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -20,6 +22,11 @@ import time
 from typing import Any
 
 Row = tuple[str, float, int, int]  # key, value, timestamp (ms), step
+
+# Seconds between sends while no flush waits. A log_batch costs ~5 ms of CPU (and a transaction) besides
+# ~70-100 µs per metric; a fast trial flushes several times a second, and where no core is spare that CPU
+# is the training's. Measured (coop, embedded backbone, default interval): 0.18 -> 0.15 ms per step.
+SEND_INTERVAL_S = 2.0
 
 _CONNECTION_MARKERS = ("Connection", "Max retries exceeded", "Failed to establish", "timed out",
                        "Temporary failure", "API request to", "refused")
@@ -78,10 +85,10 @@ def _serve(uri: str, env: dict[str, str], requests: Any, replies: Any, outage_s:
             down_since = None
         return True
 
-    delay = 0.5
+    last_send, gap, backoff = -math.inf, 0.0, 0.25
     while True:
         try:
-            request = requests.get(timeout=delay if pending else None)
+            request = requests.get(timeout=max(0.0, last_send + gap - time.monotonic()) if pending else None)
         except queue.Empty:
             request = None
         if request is not None:
@@ -95,8 +102,12 @@ def _serve(uri: str, env: dict[str, str], requests: Any, replies: Any, outage_s:
                     continue  # take everything queued into one batch per run
             elif kind == "flush":
                 waiting.append((request[1], request[2]))
+        if not waiting and time.monotonic() < last_send + gap:
+            continue  # rows gather until the next send is due (a flush sends at once)
         delivered = send_all()
-        delay = 0.5 if delivered else min(delay * 2, 10.0)
+        last_send = time.monotonic()
+        backoff = 0.25 if delivered else min(backoff * 2, 10.0)
+        gap = SEND_INTERVAL_S if delivered else backoff
         for run_id, token in list(waiting):
             if run_id not in pending:
                 replies.put((token, failed.pop(run_id, None)))

@@ -3,10 +3,12 @@ reported to the trial that logged it."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlgate.sender import MetricSender
+from mlgate.sender import SEND_INTERVAL_S, MetricSender
 
 
 def test_rows_land_and_failures_reach_their_run(tmp_path):
@@ -28,6 +30,11 @@ def test_rows_land_and_failures_reach_their_run(tmp_path):
         sender.log(run_id, [("loss/total", 7.0, 0, 300)])  # the failure of one run leaves the others alone
         sender.flush(run_id)
         assert len(client.get_metric_history(run_id, "loss/total")) == 301
+        sender.log(run_id, [("live", 1.0, 0, 0)])  # no flush: it still goes out within the send interval
+        deadline = time.monotonic() + SEND_INTERVAL_S + 10
+        while not client.get_metric_history(run_id, "live") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [m.value for m in client.get_metric_history(run_id, "live")] == [1.0]
     finally:
         sender.close()
     assert not sender._process.is_alive()
