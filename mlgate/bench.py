@@ -12,7 +12,7 @@
   sender process, at the trainer's flush cadence (at least twice per timed pass). The sender runs
   beside the trainer, on cores the trainer leaves idle; its own CPU time is reported too
   (``sender_cpu_ms_per_step``, and ``ratios.logging_cpu`` as a fraction of step time): on a machine
-  with no core to spare, that is what logging adds to a trial.
+  with no core to spare, logging adds at least that much to a trial.
 
 Random-init weights and random images: the cost of a step does not depend on their values.
 """
