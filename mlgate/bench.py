@@ -231,8 +231,8 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
             "speedup_vs_reference": ratio("reference", "mlgate"),
             "diagnostics_overhead": ratio("mlgate_diagnostics", "mlgate", 1.0),
             "logging_overhead": ratio("mlgate_logging", "mlgate_diagnostics", 1.0),
-            # The sender's CPU time per step over the step's time: what logging adds where no core is
-            # spare (on a saturated CPU the sender catches up when the trial's run is flushed).
+            # The sender's CPU time per step over the step's time: where no core is spare, logging
+            # adds at least this much (its slices also stall the trainer's threads at their barriers).
             "logging_cpu": (sender_s_per_step / seconds["mlgate_diagnostics"]
                             if sender_s_per_step is not None and "mlgate_diagnostics" in seconds else None),
         },

@@ -177,8 +177,8 @@ class MetricSender:
                 return True
 
     def cpu_seconds(self) -> float:
-        """CPU time (user + system) the sender process has used so far: what logging costs on a
-        machine with no core to spare."""
+        """CPU time (user + system) the sender process has used so far: on a machine with no core
+        to spare, the least that logging costs the training."""
         import psutil
 
         times = psutil.Process(self._process.pid).cpu_times()
