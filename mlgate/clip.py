@@ -95,9 +95,13 @@ class PromptedCLIP(nn.Module):
     #: Prompts encoded per chunk when training on many classes: with gradient checkpointing, memory
     #: grows with the chunk, not with the label set (CoOp on ImageNet-1k's 1000 class prompts).
     text_chunk: int = 256
-    # The shared-prefix pass costs a few extra kernels per layer; measured, it pays from about a
+    # The key/value-prefix pass costs a few extra kernels per layer; measured, it pays from about a
     # hundred token rows saved ((N - 1) × shared length), and halves a 100-class ViT-B/16 CoOp step.
     shared_prefix_min_rows: int = 100
+    # Up to this many rows, the prompts are packed into one sequence instead (see _encode_packed): as
+    # few kernels as the plain pass, the shared part computed once; its attention grows with the
+    # square of the packed length, so long label sets take the key/value-prefix pass.
+    packed_max_rows: int = 256
 
     def encode_text_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor, n_prompt: int = 0,
                                deep: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
@@ -111,10 +115,17 @@ class PromptedCLIP(nn.Module):
         every sequence (SOS and a shared context: CoOp). Under causal attention those positions' states
         are then the same in every sequence too, so they are computed once, on one sequence; every
         sequence's own tokens attend to them as a key/value prefix. Same features as
-        :meth:`encode_text_embeddings`, without paying for the shared part once per class."""
+        :meth:`encode_text_embeddings`, without paying for the shared part once per class.
+
+        Few prompts are packed into one sequence (:meth:`_encode_packed`); more, and the shared
+        states are computed on their own and given to every sequence as a key/value prefix."""
         blocks = self.text.transformer.resblocks
-        saved = (x.shape[0] - 1) * n_shared
-        if not 0 < n_shared < x.shape[1] or saved < self.shared_prefix_min_rows or not all(_lean(b) for b in blocks):
+        n, length = x.shape[:2]
+        if not 0 < n_shared < length or n < 2 or not all(_lean(b) for b in blocks):
+            return self.encode_text_embeddings(x, eot_index)
+        if n_shared + n * (length - n_shared) <= self.packed_max_rows:
+            return self._encode_packed(x, eot_index, n_shared)
+        if (n - 1) * n_shared < self.shared_prefix_min_rows:
             return self.encode_text_embeddings(x, eot_index)
         x, _ = self._text_input(x)
         shared, states = x[:1, :n_shared], []
@@ -124,6 +135,34 @@ class PromptedCLIP(nn.Module):
         states_by_layer = torch.cat(states)
         return self._chunked(self._encode_after_prefix, x[:, n_shared:], eot_index - n_shared,
                              lambda part: (states_by_layer,))
+
+    def _encode_packed(self, x: torch.Tensor, eot_index: torch.Tensor, n_shared: int) -> torch.Tensor:
+        # The N prompts as one sequence: the shared prefix once, then each prompt's own tokens in turn.
+        # A block mask lets each prompt's tokens see the prefix and, causally, their own tokens only, so
+        # every token attends to exactly what it would in its own sequence. Positions are added before
+        # packing (CLIP's are absolute, added once), so every token keeps its own.
+        x, _ = self._text_input(x)
+        n, length, width = x.shape
+        own = length - n_shared
+        packed = torch.cat([x[0, :n_shared], x[:, n_shared:].reshape(n * own, width)]).unsqueeze(0)
+        mask = self._packed_mask(n, own, n_shared, x.device, x.dtype)
+        eot = (eot_index + own * torch.arange(n, device=x.device)).unsqueeze(0)  # prompt i's EOT, packed
+        blocks = self.text.transformer.resblocks
+        for i, block in enumerate(blocks):
+            packed = run_block(block, packed, mask=mask, rows=eot if i == len(blocks) - 1 else None)
+        return self._text_output(packed.transpose(0, 1))  # (1, N, D): the EOT rows → (N, 1, D)
+
+    def _packed_mask(self, n: int, own: int, n_shared: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        # The additive (T, T) mask of _encode_packed, built once per shape (a trial asks for one).
+        key = (n, own, n_shared, device, dtype)
+        masks = self.__dict__.setdefault("_packed_masks", {})
+        if key not in masks:
+            position = torch.arange(n_shared + n * own, device=device)
+            prompt = torch.cat([torch.full((n_shared,), -1, device=device),
+                                torch.arange(n, device=device).repeat_interleave(own)])  # -1: shared
+            visible = (position[None] <= position[:, None]) & ((prompt[None] == -1) | (prompt[None] == prompt[:, None]))
+            masks[key] = torch.zeros(visible.shape, device=device, dtype=dtype).masked_fill(~visible, float("-inf"))
+        return masks[key]
 
     def _encode_after_prefix(self, x: torch.Tensor, eot: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         # x: (N, S, D) positioned embeddings after the shared prefix; states[i]: the prefix at layer i's input.
@@ -393,9 +432,10 @@ def run_block(block: nn.Module, x: torch.Tensor, causal: bool = False, kv_prefix
     additive (L, P + L) mask. Blocks of another shape, and every block under :func:`stock_blocks`,
     run open_clip's own forward.
 
-    ``rows`` ((N,) positions) keeps one output row per sequence, (N, 1, D): the pooled token, when
-    this is the last block. Every position still gives keys and values, but the query, the attention
-    output and the MLP run for that row alone, which is most of the last block's work.
+    ``rows`` ((N,) positions, or (N, R)) keeps those output rows of each sequence, (N, 1, D) or
+    (N, R, D): the pooled tokens, when this is the last block. Every position still gives keys and
+    values, but the query, the attention output and the MLP run for those rows alone, which is most
+    of the last block's work.
     """
     if not _lean(block):
         if kv_prefix is None:
@@ -463,21 +503,23 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 
 
 def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    # (N, L, D), (N,) → (N, 1, D): row rows[i] of sequence i.
-    return x[torch.arange(x.shape[0], device=x.device), rows].unsqueeze(1)
+    # (N, L, D) → (N, R, D): rows[i] of sequence i, where rows is (N, R), or (N,) for one row each.
+    rows = rows if rows.dim() == 2 else rows.unsqueeze(1)
+    return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), rows]
 
 
 def _row_mask(mask: torch.Tensor | None, causal: bool, rows: torch.Tensor, length: int, keys: int,
               dtype: torch.dtype) -> torch.Tensor | None:
-    # The additive mask of the kept query rows, (N, 1, 1, keys): the rows of an (L, keys) mask, or the
-    # causal rule (a row sees positions up to its own) over the last ``length`` keys.
+    # The additive mask of the kept query rows ((N, R) or (N,)), (N, 1, R, keys): the rows of an
+    # (L, keys) mask, or the causal rule (a row sees positions up to its own) over the last ``length`` keys.
+    rows = rows if rows.dim() == 2 else rows.unsqueeze(1)
     if mask is not None:
-        return mask[rows].unsqueeze(1).unsqueeze(1)
+        return mask[rows].unsqueeze(1)
     if not causal:
         return None
-    later = torch.arange(length, device=rows.device).unsqueeze(0) > rows.unsqueeze(1)
+    later = torch.arange(length, device=rows.device) > rows.unsqueeze(-1)
     later = F.pad(later, (keys - length, 0))  # a key/value prefix is visible to every row
-    return torch.zeros(later.shape, dtype=dtype, device=rows.device).masked_fill(later, float("-inf"))[:, None, None]
+    return torch.zeros(later.shape, dtype=dtype, device=rows.device).masked_fill(later, float("-inf")).unsqueeze(1)
 
 
 def _causal(x: torch.Tensor) -> torch.Tensor:

@@ -194,7 +194,8 @@ def test_the_last_block_on_the_pooled_row_alone_changes_nothing():
 
 
 def test_a_shared_prefix_is_encoded_once_with_the_same_features_and_gradients(monkeypatch):
-    # CoOp's prompts open with SOS + one shared context: computing that part once must change nothing.
+    # CoOp's prompts open with SOS + one shared context: computing that part once must change nothing,
+    # whether the prompts are packed into one sequence or given the shared states as a key/value prefix.
     from mlgate.describe import method_config
     from mlgate.methods import build_method
 
@@ -210,19 +211,30 @@ def test_a_shared_prefix_is_encoded_once_with_the_same_features_and_gradients(mo
         grad, = torch.autograd.grad(out.square().sum(), coop.ctx)
         return out.detach(), grad
 
+    taken = []
+    for path in ("_encode_packed", "_encode_after_prefix"):
+        original = getattr(clip, path)
+        monkeypatch.setattr(clip, path, lambda *a, _f=original, _p=path, **k: taken.append(_p) or _f(*a, **k))
+
     plain, plain_grad = features_and_grad(clip.encode_text_embeddings)
-    for chunk in (256, 5):  # one pass, and chunks of 5 under checkpointing
+    assert taken == []
+    # Packed (the default for 12 prompts); then the key/value prefix in one pass, and in chunks of 5
+    # under checkpointing.
+    for packed_max_rows, chunk in ((256, 256), (0, 256), (0, 5)):
+        monkeypatch.setattr(clip, "packed_max_rows", packed_max_rows)
+        monkeypatch.setattr(clip, "shared_prefix_min_rows", 1)
         monkeypatch.setattr(clip, "text_chunk", chunk)
         shared, shared_grad = features_and_grad(clip.encode_text_shared_prefix, n_shared=7)
         torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(shared_grad, plain_grad, atol=1e-4, rtol=1e-4)
-    # CoOp takes the shared path itself (11 × 7 saved rows is below the default bar: lower it).
-    monkeypatch.setattr(clip, "shared_prefix_min_rows", 1)
-    calls = []
-    original = clip.encode_text_shared_prefix
-    monkeypatch.setattr(clip, "encode_text_shared_prefix", lambda *a, **k: calls.append(1) or original(*a, **k))
+    # 3 chunks, each run again in the backward (checkpointing recomputes).
+    assert taken == ["_encode_packed", "_encode_after_prefix", *["_encode_after_prefix"] * 6]
+    # CoOp takes the shared path itself, packed with the default settings.
+    monkeypatch.undo()
+    taken.clear()
+    monkeypatch.setattr(clip, "_encode_packed", lambda *a, _f=clip._encode_packed, **k: taken.append(1) or _f(*a, **k))
     logits = coop(torch.randn(4, clip.model.visual.output_dim), ids)
-    assert calls and logits.shape == (4, len(names))
+    assert taken and logits.shape == (4, len(names))
 
 
 @pytest.mark.parametrize("method", ["coop", "adapt"])
