@@ -155,6 +155,16 @@ def test_quick_gelu_runs_as_one_silu_with_open_clips_values():
     theirs.square().sum().backward()
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours_grad, x.grad, atol=1e-4, rtol=1e-4)
+    # The folded weights are kept between calls: a forward then scales nothing...
+    with Ops() as ops, torch.no_grad():
+        run_block(block, x, causal=True)
+    assert "silu" in ops.names and not {"mul", "div"} & set(ops.names)
+    # ...and follow the block's weights when they change in place.
+    with torch.no_grad():
+        block.mlp.c_proj.weight.mul_(0.5)
+        block.ln_2.bias.add_(0.1)
+    torch.testing.assert_close(run_block(block, x, causal=True),
+                               block(x, attn_mask=torch.full((7, 7), float("-inf")).triu(1)), atol=1e-5, rtol=1e-4)
 
     gelu = load_backbone("ViT-B-16", None).text.transformer.resblocks[0]  # nn.GELU: nothing to fold
     y = torch.randn(2, 5, gelu.attn.embed_dim)
