@@ -475,36 +475,37 @@ _QUICK_GELU = 1.702  # QuickGELU(a) = a · sigmoid(1.702 a) = SiLU(1.702 a) / 1.
 def _mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # x + mlp(ln_2(x)). With QuickGELU (OpenAI CLIP's activation), its three elementwise passes over
     # the 4x-wide hidden state (and four more in the backward) become one SiLU: the 1.702 moves into
-    # the LayerNorm's affine and c_fc's bias, the 1/1.702 into c_proj's weight (all frozen).
+    # the LayerNorm's affine and the biases (small vectors, frozen), the 1/1.702 into the residual add.
     folded = _quick_gelu_folded(block)
     if folded is None:
         return x + block.ls_2(block.mlp(block.ln_2(x)))
-    ln_weight, ln_bias, fc_bias, proj_weight = folded
+    ln_weight, ln_bias, fc_bias, proj_bias = folded
     mlp = block.mlp
     h = F.layer_norm(x, block.ln_2.normalized_shape, ln_weight, ln_bias, block.ln_2.eps).to(x.dtype)
-    return x + F.linear(F.silu(F.linear(h, mlp.c_fc.weight, fc_bias)), proj_weight, mlp.c_proj.bias)
+    h = F.silu(F.linear(h, mlp.c_fc.weight, fc_bias))
+    return torch.add(x, F.linear(h, mlp.c_proj.weight, proj_bias), alpha=1 / _QUICK_GELU)
 
 
-def _quick_gelu_folded(block: nn.Module) -> tuple[torch.Tensor, ...] | None:
-    # (ln_2 weight and bias, c_fc bias) × 1.702 and c_proj weight / 1.702, or None for an MLP of
-    # another shape. Kept on the block between steps (recomputed when a weight is replaced or changed
-    # in place), so a step runs no kernels for them; computed afresh while compiling (inductor folds
-    # them into its kernels) or if the weights learn.
+def _quick_gelu_folded(block: nn.Module) -> tuple[torch.Tensor | None, ...] | None:
+    # ln_2's weight and bias and the MLP's biases, × 1.702, or None for an MLP of another shape. Kept
+    # on the block between steps (recomputed when a weight is replaced or changed in place), so a step
+    # runs no kernels for them; computed afresh while compiling (inductor folds them into its kernels)
+    # or if they learn. (Not c_proj's weight / 1.702 instead of the scaled add: a copy of every
+    # block's largest matrix, 160 MB for ViT-B/16, to save one elementwise pass in the backward.)
     mlp, ln = block.mlp, block.ln_2
     if not (type(ln) in (nn.LayerNorm, open_clip.transformer.LayerNorm) and isinstance(block.ls_2, nn.Identity)
             and list(mlp._modules) == ["c_fc", "gelu", "c_proj"]
             and type(mlp.gelu) is open_clip.transformer.QuickGELU and ln.weight is not None
             and ln.bias is not None and mlp.c_fc.bias is not None):
         return None
-    sources = (ln.weight, ln.bias, mlp.c_fc.bias, mlp.c_proj.weight)
+    sources = (ln.weight, ln.bias, mlp.c_fc.bias, mlp.c_proj.bias)
 
-    def fold() -> tuple[torch.Tensor, ...]:
-        s = _QUICK_GELU
-        return sources[0] * s, sources[1] * s, sources[2] * s, sources[3] / s
+    def fold() -> tuple[torch.Tensor | None, ...]:
+        return tuple(None if p is None else p * _QUICK_GELU for p in sources)
 
-    if torch.compiler.is_compiling() or any(p.requires_grad for p in sources):
+    if torch.compiler.is_compiling() or any(p is not None and p.requires_grad for p in sources):
         return fold()
-    key = tuple((p.data_ptr(), p._version) for p in sources)
+    key = tuple(None if p is None else (p.data_ptr(), p._version) for p in sources)
     cached = block.__dict__.get("_mlgate_quick_gelu")
     if cached is None or cached[0] != key:
         with torch.no_grad():

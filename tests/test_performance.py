@@ -161,7 +161,7 @@ def test_quick_gelu_runs_as_one_silu_with_open_clips_values():
     assert "silu" in ops.names and not {"mul", "div"} & set(ops.names)
     # ...and follow the block's weights when they change in place.
     with torch.no_grad():
-        block.mlp.c_proj.weight.mul_(0.5)
+        block.mlp.c_proj.bias.mul_(0.5)
         block.ln_2.bias.add_(0.1)
     torch.testing.assert_close(run_block(block, x, causal=True),
                                block(x, attn_mask=torch.full((7, 7), float("-inf")).triu(1)), atol=1e-5, rtol=1e-4)
