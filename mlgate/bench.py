@@ -19,6 +19,7 @@ Random-init weights and random images: the cost of a step does not depend on the
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import statistics
 import tempfile
@@ -183,31 +184,35 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
 
         return step
 
-    with tempfile.TemporaryDirectory(prefix="mlgate-bench-") as tmp:
-        from mlflow.tracking import MlflowClient
+    makers = {"reference": lambda: reference_step, "mlgate": lambda: mlgate_step(False),
+              "mlgate_diagnostics": lambda: mlgate_step(True)}
+    # (sender CPU seconds, steps logged) once each pass has landed. The first timed pass carries the
+    # sender's one-off costs (the store's engine and schema check, SQLAlchemy's statement caches), so
+    # the steady state is read from the second pass on.
+    landed: list[tuple[float, int]] = []
+    with contextlib.ExitStack() as cleanup:
+        settle = {}
+        if "mlgate_logging" in configs:  # MLflow only where logging is measured (a GPU box may lack it)
+            from mlflow.tracking import MlflowClient
 
-        from mlgate.sender import MetricSender
-        from mlgate.tracking import TrialRun
+            from mlgate.sender import MetricSender
+            from mlgate.tracking import TrialRun
 
-        client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-        run = client.create_run(client.create_experiment("bench"))
-        sender = MetricSender(client.tracking_uri)
-        sink = TrialRun(client, run.info.run_id, sender)
-        makers = {"reference": lambda: reference_step, "mlgate": lambda: mlgate_step(False),
-                  "mlgate_diagnostics": lambda: mlgate_step(True), "mlgate_logging": lambda: mlgate_step(True, sink)}
-        # (sender CPU seconds, steps logged) once each pass has landed. The first timed pass carries the
-        # sender's one-off costs (the store's engine and schema check, SQLAlchemy's statement caches), so
-        # the steady state is read from the second pass on.
-        landed: list[tuple[float, int]] = []
+            tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mlgate-bench-"))
+            client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+            run = client.create_run(client.create_experiment("bench"))
+            sender = MetricSender(client.tracking_uri)
+            cleanup.callback(sender.close)  # after the last flush, before the store is deleted
+            sink = TrialRun(client, run.info.run_id, sender)
+            cleanup.callback(sink.flush)  # the last batch lands
+            makers["mlgate_logging"] = lambda: mlgate_step(True, sink)
 
-        def settle() -> None:
-            sink.flush()
-            landed.append((sender.cpu_seconds(), logged_steps))
+            def settle_logging() -> None:
+                sink.flush()
+                landed.append((sender.cpu_seconds(), logged_steps))
 
-        results = measure({name: makers[name]() for name in configs}, steps, warmup, rounds, dev,
-                          settle={"mlgate_logging": settle})
-        sink.flush()  # the last batch lands before its store is deleted
-        sender.close()
+            settle["mlgate_logging"] = settle_logging
+        results = measure({name: makers[name]() for name in configs}, steps, warmup, rounds, dev, settle=settle)
     sender_s_per_step = None
     if len(landed) >= 2:
         (cpu_start, steps_start), (cpu_end, steps_end) = landed[1 if len(landed) > 2 else 0], landed[-1]

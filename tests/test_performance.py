@@ -59,6 +59,19 @@ def test_bench_reports_four_configurations_and_their_ratios(capsys):
     assert main(["bench", "--diagnostics-every", "0"]) == 2
 
 
+def test_bench_without_the_logging_configuration_needs_no_mlflow():
+    # The GPU check (scripts/device_check.sh) runs the bench where MLflow is not installed.
+    import subprocess
+    import sys
+
+    code = ("import sys; from mlgate.bench import bench; "
+            "r = bench(steps=2, warmup=1, rounds=1, batch=4, configs=('reference', 'mlgate', 'mlgate_diagnostics')); "
+            "assert r['ratios']['logging_overhead'] is None and r['sender_cpu_ms_per_step'] is None, r; "
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'mlflow'], 'mlflow was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name", ["coop", "cocoop", "maple", "adaptive_bimaple", "adapt"])
 def test_trimmed_prompts_give_the_full_77_token_results(name):
     from mlgate.methods import build_method, method_class
