@@ -10,7 +10,6 @@ import json
 import os
 import shlex
 import sys
-import threading
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from mlgate.errors import MlgateError, StudyFailed
@@ -286,17 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame) -> None:
-    # SIGTERM ends a run like Ctrl-C does: the running trial is closed (KILLED) and the study resumable.
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mlgate`` console script."""
-    import signal
+    from mlgate import interrupts
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM ends a run like Ctrl-C does: the running trial is closed (KILLED) and the study resumable.
+    interrupts.install()
     os.environ["MLGATE_CONTEXT"] = "1"  # runs created from here on carry mlgate's context tags
     parser = build_parser()
     args = parser.parse_args(argv)

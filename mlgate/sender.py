@@ -16,10 +16,13 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import threading
 import time
 from typing import Any
+
+from mlgate import interrupts
 
 Row = tuple[str, float, int, int]  # key, value, timestamp (ms), step
 
@@ -43,6 +46,8 @@ def _serve(uri: str, env: dict[str, str], requests: Any, replies: Any, outage_s:
     """The sender process: ``("log", run_id, rows)``, ``("flush", run_id, token)``, ``("stop",)``."""
     os.environ.clear()
     os.environ.update(env)  # the parent's environment now (a forkserver child would have the server's)
+    # Ctrl-C reaches the whole process group; the trainer closes its runs and then stops this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         # Training comes first where cores are few; metrics catch up in the gaps. (Not SCHED_IDLE: it
         # starves the sender, and the flush that waits on it, while another worker keeps the cores busy.)
@@ -144,13 +149,15 @@ class MetricSender:
             error = self._failures.pop(run_id, None)
         if error:
             raise RuntimeError(error)
-        self._requests.put(("log", run_id, rows))
+        with interrupts.deferred():  # an interrupt cut into a queue operation would hang the closing flush
+            self._requests.put(("log", run_id, rows))
 
     def flush(self, run_id: str) -> None:
         """Block until every row queued for ``run_id`` has landed; raises what made that impossible."""
         with self._lock:
             token = next(self._tokens)
-            self._requests.put(("flush", run_id, token))
+            with interrupts.deferred():
+                self._requests.put(("flush", run_id, token))
             while token not in self._answers:
                 if not self._collect(block=True):
                     raise RuntimeError("the mlgate metric sender process died; this run's metrics may be incomplete")
@@ -162,7 +169,8 @@ class MetricSender:
         # Read the replies there are (blocking: at least one); False when blocking found the process dead.
         while True:
             try:
-                reply = self._replies.get(timeout=1.0) if block else self._replies.get_nowait()
+                with interrupts.deferred():  # at most a second
+                    reply = self._replies.get(timeout=1.0) if block else self._replies.get_nowait()
             except queue.Empty:
                 if not block:
                     return True
@@ -187,7 +195,8 @@ class MetricSender:
     def close(self) -> None:
         """Send what is queued and stop the process."""
         if self._process.is_alive():
-            self._requests.put(("stop",))
+            with interrupts.deferred():
+                self._requests.put(("stop",))
             self._process.join(timeout=60)
         if self._process.is_alive():
             self._process.terminate()

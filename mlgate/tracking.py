@@ -101,7 +101,15 @@ class TrialRun:
     def end(self, state: str, verdict: str, error: BaseException | None = None) -> None:
         """Send what is pending, tag the outcome and close the run: FINISHED, KILLED (pruned or
         interrupted) or FAILED."""
-        self.flush()
+        try:
+            self.flush()
+        except KeyboardInterrupt as exc:
+            if isinstance(error, KeyboardInterrupt):
+                raise  # a second interrupt while closing an interrupted trial: give up its last rows
+            # Interrupted while its last rows were sent (the trial had ended): the run still closes,
+            # as its Optuna trial does, failed by the interrupt.
+            self.end("FAIL", verdict, error=exc)
+            raise
         tags = [RunTag(STATE, state), RunTag(VERDICT, verdict)]
         if error is not None:
             tags.append(RunTag("mlgate.error", f"{type(error).__name__}: {error}"[:500]))

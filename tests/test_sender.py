@@ -38,3 +38,91 @@ def test_rows_land_and_failures_reach_their_run(tmp_path):
     finally:
         sender.close()
     assert not sender._process.is_alive()
+
+
+def test_ctrl_c_to_the_process_group_leaves_the_sender_running(tmp_path):
+    # A terminal's Ctrl-C reaches every process of the group: the trainer closes its runs, and the
+    # sender must still be there to take their last rows.
+    import os
+    import signal
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("sender")).info.run_id
+    sender = MetricSender(uri)
+    try:
+        sender.log(run_id, [("loss/total", 1.0, 0, 1)])
+        sender.flush(run_id)  # the process is up and serving
+        os.kill(sender._process.pid, signal.SIGINT)
+        time.sleep(0.5)
+        sender.log(run_id, [("loss/total", 2.0, 0, 2)])
+        sender.flush(run_id)
+        assert [m.value for m in client.get_metric_history(run_id, "loss/total")] == [1.0, 2.0]
+    finally:
+        sender.close()
+
+
+def test_an_interrupt_waits_for_the_end_of_a_deferred_section():
+    # SIGTERM (or Ctrl-C) inside a queue operation would leave the queue unusable for the flush that
+    # closes the interrupted trial; it is raised when the section ends instead.
+    import os
+    import signal
+
+    from mlgate import interrupts
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.install()
+    finished = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler has run by now
+                finished.append("section")
+        assert finished == ["section"]
+        with pytest.raises(KeyboardInterrupt):  # outside a section: at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            finished.append("after")
+        assert finished == ["section"]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def test_an_interrupt_while_a_finished_trial_closes_still_closes_its_run(tmp_path, monkeypatch):
+    # SIGTERM landing in the last flush of a trial that had finished: the run must not stay RUNNING.
+    import os
+    import signal
+
+    from mlgate import interrupts
+    from mlgate.tracking import STATE, TrialRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("sender")).info.run_id
+    sender = MetricSender(uri)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.install()
+    real_flush, calls = sender.flush, []
+
+    def flush_with_a_signal(run):  # the signal arrives while the first flush waits for the sender
+        calls.append(run)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_flush(run)
+
+    monkeypatch.setattr(sender, "flush", flush_with_a_signal)
+    try:
+        run = TrialRun(client, run_id, sender)
+        run.log_metrics([(1, {"loss/total": 1.0})])
+        with pytest.raises(KeyboardInterrupt):
+            run.end("COMPLETE", "static")
+        closed = client.get_run(run_id)
+        assert closed.info.status == "KILLED" and closed.data.tags[STATE] == "FAIL"
+        assert "KeyboardInterrupt" in closed.data.tags["mlgate.error"]
+        assert [m.value for m in client.get_metric_history(run_id, "loss/total")] == [1.0]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        sender.close()

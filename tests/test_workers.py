@@ -90,19 +90,25 @@ def test_a_killed_workers_trial_is_failed_and_retried(workdir, write_spec):
 
 
 def test_sigterm_closes_the_running_trial_and_the_same_command_resumes(workdir, write_spec):
-    write_spec(study={"n_trials": 1, **BEATS}, train=SLOW)
+    write_spec(study={"n_trials": 1, **BEATS}, train={"steps": 10**6, "eval_interval": 10**6})  # still running
     proc = _mlgate(workdir, "tiny", wait=False)
     running = _wait_for_running_trial(_journal(workdir))
-    time.sleep(1.0)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run_id = running.user_attrs["mlflow_run_id"]
+    deadline = time.time() + 120
+    while not client.get_metric_history(run_id, "loss/total") and time.time() < deadline:
+        time.sleep(0.2)  # until training is under way (a slow machine may take seconds to start it)
+    seen = max(m.step for m in client.get_metric_history(run_id, "loss/total"))
+    time.sleep(0.5)  # more steps, queued for the sender, which sends every 2 s
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output
     assert "Traceback" not in output and "resume" in output
     study = optuna.load_study(study_name="tiny", storage=_journal(workdir))
     assert study.trials[running.number].state == TrialState.FAIL  # not left RUNNING
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    killed = client.get_run(running.user_attrs["mlflow_run_id"])
-    assert killed.info.status == "KILLED" and "loss/total" in killed.data.metrics  # flushed
+    killed = client.get_run(run_id)
+    assert killed.info.status == "KILLED"
+    assert max(m.step for m in client.get_metric_history(run_id, "loss/total")) > seen  # the queued rows: flushed
     result = _mlgate(workdir, "tiny", "--set", "train.steps=6", "--set", "train.eval_interval=3")
     assert result.returncode == 0, result.stderr
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 1
