@@ -11,10 +11,30 @@ from mlflow.tracking import MlflowClient
 from mlgate.sender import SEND_INTERVAL_S, MetricSender
 
 
-def test_rows_land_and_failures_reach_their_run(tmp_path):
+@pytest.fixture
+def store(tmp_path):
+    """(URI, client, run id) of a run in a fresh SQLite MLflow store."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("sender")).info.run_id
+    return uri, client, client.create_run(client.create_experiment("sender")).info.run_id
+
+
+@pytest.fixture
+def mlgate_signals():
+    """mlgate's SIGINT/SIGTERM handlers for the test (as `mlgate` installs them), restored after."""
+    import signal
+
+    from mlgate import interrupts
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.install()
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def test_rows_land_and_failures_reach_their_run(store):
+    uri, client, run_id = store
     sender = MetricSender(uri)
     try:
         idle_cpu = sender.cpu_seconds()
@@ -40,15 +60,13 @@ def test_rows_land_and_failures_reach_their_run(tmp_path):
     assert not sender._process.is_alive()
 
 
-def test_ctrl_c_to_the_process_group_leaves_the_sender_running(tmp_path):
+def test_ctrl_c_to_the_process_group_leaves_the_sender_running(store):
     # A terminal's Ctrl-C reaches every process of the group: the trainer closes its runs, and the
     # sender must still be there to take their last rows.
     import os
     import signal
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("sender")).info.run_id
+    uri, client, run_id = store
     sender = MetricSender(uri)
     try:
         sender.log(run_id, [("loss/total", 1.0, 0, 1)])
@@ -62,7 +80,7 @@ def test_ctrl_c_to_the_process_group_leaves_the_sender_running(tmp_path):
         sender.close()
 
 
-def test_an_interrupt_waits_for_the_end_of_a_deferred_section():
+def test_an_interrupt_waits_for_the_end_of_a_deferred_section(mlgate_signals):
     # SIGTERM (or Ctrl-C) inside a queue operation would leave the queue unusable for the flush that
     # closes the interrupted trial; it is raised when the section ends instead.
     import os
@@ -70,40 +88,29 @@ def test_an_interrupt_waits_for_the_end_of_a_deferred_section():
 
     from mlgate import interrupts
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    interrupts.install()
     finished = []
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            with interrupts.deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.2)  # the handler has run by now
-                finished.append("section")
-        assert finished == ["section"]
-        with pytest.raises(KeyboardInterrupt):  # outside a section: at once
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.deferred():
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.2)
-            finished.append("after")
-        assert finished == ["section"]
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+            time.sleep(0.2)  # the handler has run by now
+            finished.append("section")
+    assert finished == ["section"]
+    with pytest.raises(KeyboardInterrupt):  # outside a section: at once
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        finished.append("after")
+    assert finished == ["section"]
 
 
-def test_an_interrupt_while_a_finished_trial_closes_still_closes_its_run(tmp_path, monkeypatch):
+def test_an_interrupt_while_a_finished_trial_closes_still_closes_its_run(store, monkeypatch, mlgate_signals):
     # SIGTERM landing in the last flush of a trial that had finished: the run must not stay RUNNING.
     import os
     import signal
 
-    from mlgate import interrupts
     from mlgate.tracking import STATE, TrialRun
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("sender")).info.run_id
+    uri, client, run_id = store
     sender = MetricSender(uri)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    interrupts.install()
     real_flush, calls = sender.flush, []
 
     def flush_with_a_signal(run):  # the signal arrives while the first flush waits for the sender
@@ -123,6 +130,4 @@ def test_an_interrupt_while_a_finished_trial_closes_still_closes_its_run(tmp_pat
         assert "KeyboardInterrupt" in closed.data.tags["mlgate.error"]
         assert [m.value for m in client.get_metric_history(run_id, "loss/total")] == [1.0]
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         sender.close()
