@@ -169,18 +169,18 @@ class MetricSender:
         # Read the replies there are (blocking: at least one); False when blocking found the process dead.
         while True:
             try:
-                with interrupts.deferred():  # at most a second
+                with interrupts.deferred():  # at most a second; a reply taken is kept before it ends
                     reply = self._replies.get(timeout=1.0) if block else self._replies.get_nowait()
+                    if reply[0] is None:
+                        self._failures[reply[1]] = reply[2]
+                    else:
+                        self._answers[reply[0]] = reply[1]
             except queue.Empty:
                 if not block:
                     return True
                 if not self._process.is_alive():
                     return False
                 continue
-            if reply[0] is None:
-                self._failures[reply[1]] = reply[2]
-            else:
-                self._answers[reply[0]] = reply[1]
             if block:
                 return True
 
