@@ -110,22 +110,25 @@ class PromptedCLIP(nn.Module):
         return self._chunked(self._encode_text, x, eot_index, lambda part: (
             n_prompt, [d[part] if d is not None and d.dim() == 3 else d for d in deep]))
 
-    def encode_text_shared_prefix(self, x: torch.Tensor, eot_index: torch.Tensor, n_shared: int) -> torch.Tensor:
+    def encode_text_shared_prefix(self, x: torch.Tensor, eot_index: torch.Tensor, n_shared: int,
+                                  groups: int = 1) -> torch.Tensor:
         """Text features (N, E) of embedded prompts whose first ``n_shared`` embeddings are the same in
-        every sequence (SOS and a shared context: CoOp). Under causal attention those positions' states
-        are then the same in every sequence too, so they are computed once, on one sequence; every
-        sequence's own tokens attend to them as a key/value prefix. Same features as
+        every sequence (SOS and a shared context: CoOp), or within each of ``groups`` consecutive
+        runs of N / groups sequences (CoCoOp: one per image). Under causal attention those positions'
+        states are then the same too, so they are computed once per group. Same features as
         :meth:`encode_text_embeddings`, without paying for the shared part once per class.
 
-        Few prompts are packed into one sequence (:meth:`_encode_packed`); more, and the shared
-        states are computed on their own and given to every sequence as a key/value prefix."""
+        Few prompts per group are packed into one sequence (:meth:`_encode_packed`); more, and (with
+        one group) the shared states are computed on their own and given to every sequence as a
+        key/value prefix."""
         blocks = self.text.transformer.resblocks
         n, length = x.shape[:2]
-        if not 0 < n_shared < length or n < 2 or not all(_lean(b) for b in blocks):
+        per_group = n // groups
+        if not 0 < n_shared < length or per_group < 2 or not all(_lean(b) for b in blocks):
             return self.encode_text_embeddings(x, eot_index)
-        if n_shared + n * (length - n_shared) <= self.packed_max_rows:
-            return self._encode_packed(x, eot_index, n_shared)
-        if (n - 1) * n_shared < self.shared_prefix_min_rows:
+        if n_shared + per_group * (length - n_shared) <= self.packed_max_rows:
+            return self._encode_packed(x, eot_index, n_shared, groups)
+        if groups > 1 or (n - 1) * n_shared < self.shared_prefix_min_rows:
             return self.encode_text_embeddings(x, eot_index)
         x, _ = self._text_input(x)
         shared, states = x[:1, :n_shared], []
@@ -136,21 +139,30 @@ class PromptedCLIP(nn.Module):
         return self._chunked(self._encode_after_prefix, x[:, n_shared:], eot_index - n_shared,
                              lambda part: (states_by_layer,))
 
-    def _encode_packed(self, x: torch.Tensor, eot_index: torch.Tensor, n_shared: int) -> torch.Tensor:
-        # The N prompts as one sequence: the shared prefix once, then each prompt's own tokens in turn.
-        # A block mask lets each prompt's tokens see the prefix and, causally, their own tokens only, so
-        # every token attends to exactly what it would in its own sequence. Positions are added before
-        # packing (CLIP's are absolute, added once), so every token keeps its own.
+    def _encode_packed(self, x: torch.Tensor, eot_index: torch.Tensor, n_shared: int, groups: int = 1) -> torch.Tensor:
+        # Each group's prompts as one sequence: the shared prefix once, then each prompt's own tokens in
+        # turn. A block mask lets each prompt's tokens see the prefix and, causally, their own tokens
+        # only, so every token attends to exactly what it would in its own sequence. Positions are
+        # added before packing (CLIP's are absolute, added once), so every token keeps its own.
         x, _ = self._text_input(x)
         n, length, width = x.shape
-        own = length - n_shared
-        packed = torch.cat([x[0, :n_shared], x[:, n_shared:].reshape(n * own, width)]).unsqueeze(0)
-        mask = self._packed_mask(n, own, n_shared, x.device, x.dtype)
-        eot = (eot_index + own * torch.arange(n, device=x.device)).unsqueeze(0)  # prompt i's EOT, packed
+        per_group, own = n // groups, length - n_shared
+        x = x.view(groups, per_group, length, width)
+        packed = torch.cat([x[:, 0, :n_shared], x[:, :, n_shared:].reshape(groups, per_group * own, width)], 1)
+        mask = self._packed_mask(per_group, own, n_shared, x.device, x.dtype)
+        eot = eot_index.view(groups, per_group) + own * torch.arange(per_group, device=x.device)  # packed EOTs
+        step = max(1, self.text_chunk // per_group)  # groups per pass: memory as the plain pass's chunks
+        if groups <= step or not torch.is_grad_enabled():
+            return self._packed_blocks(packed, eot, mask)
+        return torch.cat([checkpoint(self._packed_blocks, packed[i : i + step], eot[i : i + step], mask,
+                                     use_reentrant=False) for i in range(0, groups, step)])
+
+    def _packed_blocks(self, packed: torch.Tensor, eot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # (G, T, D) packed sequences → (G × N, E) features at their (G, N) EOT rows.
         blocks = self.text.transformer.resblocks
         for i, block in enumerate(blocks):
             packed = run_block(block, packed, mask=mask, rows=eot if i == len(blocks) - 1 else None)
-        return self._text_output(packed.transpose(0, 1))  # (1, N, D): the EOT rows → (N, 1, D)
+        return self._text_output(packed.reshape(-1, 1, packed.shape[-1]))
 
     def _packed_mask(self, n: int, own: int, n_shared: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         # The additive (T, T) mask of _encode_packed, built once per shape (a trial asks for one).

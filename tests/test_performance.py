@@ -260,6 +260,39 @@ def test_a_shared_prefix_is_encoded_once_with_the_same_features_and_gradients(mo
     assert taken and logits.shape == (4, len(names))
 
 
+def test_cocoop_packs_each_images_prompts_with_the_same_logits_and_gradients(monkeypatch):
+    # CoCoOp: every image's class prompts share SOS + that image's context; packed per image (in one
+    # pass, and in chunks of images under checkpointing), nothing may change.
+    from mlgate.describe import method_config
+    from mlgate.methods import build_method
+
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    names = [f"class number {i}" if i % 2 else f"c{i}" for i in range(5)]
+    torch.manual_seed(0)
+    cocoop = build_method(method_config("cocoop", ["method.ctx_init=null"]), clip, names)
+    features, ids = torch.randn(6, clip.model.visual.output_dim), torch.arange(len(names))
+    packed = []
+    original = clip._encode_packed
+    monkeypatch.setattr(clip, "_encode_packed", lambda *a, **k: packed.append(1) or original(*a, **k))
+
+    def logits_and_grads():
+        logits = cocoop(features, ids)
+        grads = torch.autograd.grad(logits.square().sum(), [cocoop.ctx, *cocoop.meta_net.parameters()])
+        return logits.detach(), grads
+
+    monkeypatch.setattr(clip, "packed_max_rows", 0)
+    plain, plain_grads = logits_and_grads()
+    assert not packed
+    for chunk in (256, 10):  # 6 images × 5 prompts: one pass; then 2 images per checkpointed pass
+        monkeypatch.setattr(clip, "packed_max_rows", 256)
+        monkeypatch.setattr(clip, "text_chunk", chunk)
+        logits, grads = logits_and_grads()
+        torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
+        for got, want in zip(grads, plain_grads):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert len(packed) == 2
+
+
 @pytest.mark.parametrize("method", ["coop", "adapt"])
 def test_a_compiled_step_trains_like_an_eager_one_and_compiles_once(method):
     # train.compile: the same losses and diagnostics step by step, also while the gate temperature

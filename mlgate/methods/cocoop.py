@@ -82,7 +82,11 @@ class CoCoOp(PromptMethod):
         # Every image gets its own prompts for every class: one batched text pass of B×C sequences.
         per_prompt = ctx.unsqueeze(1).expand(n_img, n_cls, -1, -1).reshape(n_img * n_cls, *ctx.shape[1:])
         prompts, eot = self.tokens.assemble(per_prompt, class_ids.repeat(n_img))
-        text = F.normalize(self.clip.encode_text_embeddings(prompts, eot), dim=-1).view(n_img, n_cls, -1)
+        if self.tokens.trimmed:  # an image's prompts all open with SOS + its context: encoded once per image
+            text = self.clip.encode_text_shared_prefix(prompts, eot, 1 + self.cfg.n_ctx, groups=n_img)
+        else:
+            text = self.clip.encode_text_embeddings(prompts, eot)
+        text = F.normalize(text, dim=-1).view(n_img, n_cls, -1)
         return self.clip.logit_scale * torch.einsum("bd,bcd->bc", image_features, text)
 
     def regularizers(self) -> dict[str, torch.Tensor]:
