@@ -151,11 +151,9 @@ class PromptedCLIP(nn.Module):
         packed = torch.cat([x[:, 0, :n_shared], x[:, :, n_shared:].reshape(groups, per_group * own, width)], 1)
         mask = self._packed_mask(per_group, own, n_shared, x.device, x.dtype)
         eot = eot_index.view(groups, per_group) + own * torch.arange(per_group, device=x.device)  # packed EOTs
-        step = max(1, self.text_chunk // per_group)  # groups per pass: memory as the plain pass's chunks
-        if groups <= step or not torch.is_grad_enabled():
-            return self._packed_blocks(packed, eot, mask)
-        return torch.cat([checkpoint(self._packed_blocks, packed[i : i + step], eot[i : i + step], mask,
-                                     use_reentrant=False) for i in range(0, groups, step)])
+        # Groups per chunk: about as many prompts as a chunk of the plain pass.
+        return self._chunked(self._packed_blocks, packed, eot, lambda part: (mask,),
+                             chunk=max(1, self.text_chunk // per_group))
 
     def _packed_blocks(self, packed: torch.Tensor, eot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # (G, T, D) packed sequences → (G × N, E) features at their (G, N) EOT rows.
@@ -167,6 +165,8 @@ class PromptedCLIP(nn.Module):
     def _packed_mask(self, n: int, own: int, n_shared: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         # The additive (T, T) mask of _encode_packed, built once per shape (a trial asks for one).
         key = (n, own, n_shared, device, dtype)
+        # Created here, not in __init__: a dict attribute set there makes torch.compile guard on its
+        # contents and compile the step a second time once the mask is in it.
         masks = self.__dict__.setdefault("_packed_masks", {})
         if key not in masks:
             position = torch.arange(n_shared + n * own, device=device)
@@ -188,15 +188,16 @@ class PromptedCLIP(nn.Module):
         return self._text_output(x)
 
     def _chunked(self, encode: Callable[..., torch.Tensor], x: torch.Tensor, eot: torch.Tensor,
-                 args_for: Callable[[slice], tuple]) -> torch.Tensor:
-        # encode(x, eot, *args_for(rows)) over every row; above text_chunk rows, when gradients are
-        # needed, chunk by chunk under activation checkpointing (memory follows the chunk, not N).
-        n = x.shape[0]
-        if n <= self.text_chunk or not torch.is_grad_enabled():
+                 args_for: Callable[[slice], tuple], chunk: int | None = None) -> torch.Tensor:
+        # encode(x, eot, *args_for(rows)) over every row; above ``chunk`` rows (default text_chunk),
+        # when gradients are needed, chunk by chunk under activation checkpointing (memory follows the
+        # chunk, not N).
+        n, chunk = x.shape[0], chunk or self.text_chunk
+        if n <= chunk or not torch.is_grad_enabled():
             return encode(x, eot, *args_for(slice(None)))
         out = []
-        for start in range(0, n, self.text_chunk):
-            part = slice(start, start + self.text_chunk)
+        for start in range(0, n, chunk):
+            part = slice(start, start + chunk)
             out.append(checkpoint(encode, x[part], eot[part], *args_for(part), use_reentrant=False))
         return torch.cat(out)
 

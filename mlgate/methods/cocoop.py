@@ -79,7 +79,7 @@ class CoCoOp(PromptMethod):
                 self._last_gates = gates
                 ctx = ctx * gates.unsqueeze(-1)
         n_img, n_cls = ctx.shape[0], len(class_ids)
-        # Every image gets its own prompts for every class: one batched text pass of B×C sequences.
+        # Every image gets its own prompts for every class: B×C sequences, in one batched text pass.
         per_prompt = ctx.unsqueeze(1).expand(n_img, n_cls, -1, -1).reshape(n_img * n_cls, *ctx.shape[1:])
         prompts, eot = self.tokens.assemble(per_prompt, class_ids.repeat(n_img))
         if self.tokens.trimmed:  # an image's prompts all open with SOS + its context: encoded once per image
