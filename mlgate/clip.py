@@ -198,7 +198,8 @@ class PromptedCLIP(nn.Module):
         out = []
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
-            out.append(checkpoint(encode, x[part], eot[part], *args_for(part), use_reentrant=False))
+            out.append(checkpoint(encode, x[part], eot[part], *args_for(part), use_reentrant=False,
+                                  context_fn=_recompute_with_the_same_blocks))
         return torch.cat(out)
 
     def _encode_text(self, x: torch.Tensor, eot_index: torch.Tensor, n_prompt: int = 0,
@@ -415,14 +416,21 @@ _STOCK_BLOCKS = contextvars.ContextVar("stock_blocks", default=False)
 
 
 @contextlib.contextmanager
-def stock_blocks():
+def stock_blocks(enabled: bool = True):
     """Inside the block, :func:`run_block` runs open_clip's own block forward on every row, as the
     reference trainers' CLIP does (``mlgate bench``'s reference configuration); tests compare too."""
-    token = _STOCK_BLOCKS.set(True)
+    token = _STOCK_BLOCKS.set(enabled)
     try:
         yield
     finally:
         _STOCK_BLOCKS.reset(token)
+
+
+def _recompute_with_the_same_blocks() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    # Checkpoint's (forward, recomputation) contexts. On CUDA the recomputation runs in the autograd
+    # engine's device thread, where this thread's context variables are unset: without this it would
+    # take the other block path and save other tensors (torch's CheckpointError).
+    return contextlib.nullcontext(), stock_blocks(_STOCK_BLOCKS.get())
 
 
 def _lean(block: nn.Module) -> bool:

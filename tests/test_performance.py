@@ -90,6 +90,42 @@ def test_trimmed_prompts_give_the_full_77_token_results(name):
         torch.testing.assert_close(method(inputs, torch.arange(3)), trimmed, atol=1e-5, rtol=1e-5)
 
 
+def test_checkpointed_chunks_recompute_with_the_blocks_their_forward_used(monkeypatch):
+    # On CUDA the backward, and so checkpointing's recomputation, runs in the autograd engine's own
+    # thread, where stock_blocks' context variable is unset. A backward in another thread does the
+    # same here: the recomputation must still take open_clip's blocks, or torch raises a
+    # CheckpointError (the bench's reference failed so on a GPU, with more prompts than a chunk).
+    import threading
+
+    from mlgate.methods import build_method, method_class
+
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    monkeypatch.setattr(clip, "text_chunk", 4)
+    torch.manual_seed(0)
+    method = build_method(method_class("coop").Config(), clip, [f"c{i}" for i in range(10)])
+    method.use_full_context()
+    features = torch.randn(3, clip.model.visual.output_dim)
+    grads = []
+    for stock in (False, True):
+        with stock_blocks(stock):
+            loss = method(features, torch.arange(10)).logsumexp(-1).sum()
+            errors = []
+            worker = threading.Thread(target=lambda: _capture(errors, loss.backward))
+            worker.start()
+            worker.join()
+        assert errors == []
+        grads.append(method.ctx.grad.clone())
+        method.ctx.grad = None
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
+def _capture(errors: list, fn) -> None:
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - re-checked in the test's thread
+        errors.append(error)
+
+
 def test_cached_and_uncached_features_give_the_same_logits_and_gradients():
     from mlgate.methods import build_method, method_class
 
