@@ -4,8 +4,9 @@
 # (git-ignored), which the device call carries (64 MiB at most; this set is about 20 MiB):
 #   bash scripts/device_wheels.sh            # here, where the registry is reachable
 #   device run: bash scripts/device_check.sh   with carry [".wheels"]
-# MLflow is not among them (its server stack is far above the carry limit), so the device check
-# benchmarks every configuration but mlgate_logging. Usage: device_wheels.sh [PYTHON_VERSION]
+# MLflow comes as mlflow-skinny (the tracking client and SQL store, without the UI's files) with
+# SQLAlchemy and Alembic, so the bench's mlgate_logging configuration runs there too.
+# Usage: device_wheels.sh [PYTHON_VERSION]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version="${1:-3.12}"
@@ -14,6 +15,12 @@ packages=(
   safetensors regex ftfy wcwidth tqdm pyyaml packaging
   pydantic pydantic_core annotated-types typing-inspection typing_extensions
   psutil nvidia-ml-py rich markdown-it-py mdurl pygments
+  # MLflow's tracking client on a SQLite store (mlgate_logging)
+  mlflow-skinny sqlalchemy alembic mako markupsafe cachetools cloudpickle databricks-sdk google-auth
+  pyasn1 pyasn1-modules cryptography cffi pycparser fastapi starlette annotated-doc uvicorn gitpython
+  gitdb smmap importlib-metadata zipp opentelemetry-api opentelemetry-sdk opentelemetry-proto
+  opentelemetry-semantic-conventions protobuf python-dotenv requests urllib3 certifi charset-normalizer
+  sqlparse
 )
 rm -rf .wheels && mkdir .wheels
 # The versions this checkout's environment runs (tested), where it has them; the newest otherwise.
