@@ -30,6 +30,7 @@ Row = tuple[str, float, int, int]  # key, value, timestamp (ms), step
 # ~70-100 µs per metric; a fast trial flushes several times a second, and where no core is spare that CPU
 # is the training's. Measured (coop, embedded backbone, default interval): 0.18 -> 0.15 ms per step.
 SEND_INTERVAL_S = 2.0
+OWNER_CHECK_S = 1.0
 
 _CONNECTION_MARKERS = ("Connection", "Max retries exceeded", "Failed to establish", "timed out",
                        "Temporary failure", "API request to", "refused")
@@ -42,12 +43,26 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError)) or any(m in text for m in _CONNECTION_MARKERS)
 
 
-def _serve(uri: str, env: dict[str, str], requests: Any, replies: Any, outage_s: float) -> None:
-    """The sender process: ``("log", run_id, rows)``, ``("flush", run_id, token)``, ``("stop",)``."""
+def _owner_alive(pid: int) -> bool:
+    import psutil
+
+    try:  # a killed process stays a zombie until its parent reaps it: that counts as gone
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _serve(uri: str, env: dict[str, str], requests: Any, replies: Any, outage_s: float, owner: int) -> None:
+    """The sender process: ``("log", run_id, rows)``, ``("flush", run_id, token)``, ``("stop",)``.
+    Serves the process ``owner`` until it says stop, or until it is gone (killed): then it sends
+    what it was given and ends."""
     os.environ.clear()
     os.environ.update(env)  # the parent's environment now (a forkserver child would have the server's)
-    # Ctrl-C reaches the whole process group; the trainer closes its runs and then stops this process.
+    # Ctrl-C, and the SIGTERM of `timeout`, Slurm or a container stop, reach the whole process group:
+    # the trainer closes its runs and then stops this process, which must still be there for their
+    # last rows.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         # Training comes first where cores are few; metrics catch up in the gaps. (Not SCHED_IDLE: it
         # starves the sender, and the flush that waits on it, while another worker keeps the cores busy.)
@@ -92,10 +107,15 @@ def _serve(uri: str, env: dict[str, str], requests: Any, replies: Any, outage_s:
 
     last_send, gap, backoff = -math.inf, 0.0, 0.25
     while True:
+        # Wake at least every second to see whether the owner is still there.
+        due = max(0.0, last_send + gap - time.monotonic()) if pending else math.inf
         try:
-            request = requests.get(timeout=max(0.0, last_send + gap - time.monotonic()) if pending else None)
+            request = requests.get(timeout=min(due, OWNER_CHECK_S))
         except queue.Empty:
             request = None
+            if not _owner_alive(owner):
+                send_all()
+                return
         if request is not None:
             kind = request[0]
             if kind == "stop":
@@ -135,7 +155,7 @@ class MetricSender:
             ctx = mp.get_context("spawn")
         self._requests, self._replies = ctx.Queue(), ctx.Queue()
         self._process = ctx.Process(target=_serve, name="mlgate-metrics", daemon=True,
-                                    args=(uri, dict(os.environ), self._requests, self._replies, outage_s))
+                                    args=(uri, dict(os.environ), self._requests, self._replies, outage_s, os.getpid()))
         self._process.start()
         self._tokens = itertools.count()
         self._answers: dict[int, str | None] = {}

@@ -3,6 +3,10 @@ reported to the trial that logged it."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -60,24 +64,46 @@ def test_rows_land_and_failures_reach_their_run(store):
     assert not sender._process.is_alive()
 
 
-def test_ctrl_c_to_the_process_group_leaves_the_sender_running(store):
-    # A terminal's Ctrl-C reaches every process of the group: the trainer closes its runs, and the
-    # sender must still be there to take their last rows.
-    import os
-    import signal
-
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_leaves_the_sender_running(store, signum):
+    # A terminal's Ctrl-C, and the SIGTERM of `timeout`, Slurm or a container stop, reach every
+    # process of the group: the trainer closes its runs, and the sender must still be there to take
+    # their last rows.
     uri, client, run_id = store
     sender = MetricSender(uri)
     try:
         sender.log(run_id, [("loss/total", 1.0, 0, 1)])
         sender.flush(run_id)  # the process is up and serving
-        os.kill(sender._process.pid, signal.SIGINT)
+        os.kill(sender._process.pid, signum)
         time.sleep(0.5)
         sender.log(run_id, [("loss/total", 2.0, 0, 2)])
         sender.flush(run_id)
         assert [m.value for m in client.get_metric_history(run_id, "loss/total")] == [1.0, 2.0]
     finally:
         sender.close()
+
+
+def test_a_killed_owners_sender_sends_what_it_was_given_and_ends(store):
+    # The sender ignores the signals a trainer gets; a trainer killed outright (SIGKILL, the OOM
+    # killer) must not leave it behind for good, nor lose the rows it had already queued.
+    import psutil
+
+    uri, client, run_id = store
+    script = f"""
+import os, signal, time
+from mlgate.sender import MetricSender
+sender = MetricSender({uri!r})
+sender.log({run_id!r}, [("loss/total", float(i), 0, i) for i in range(5)])
+print(sender._process.pid, flush=True)
+time.sleep(0.5)  # the queue's feeder thread writes the rows out
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    sender = psutil.Process(int(owner.stdout.readline()))
+    assert owner.wait(timeout=120) == -signal.SIGKILL
+    sender.wait(timeout=30)  # raises psutil.TimeoutExpired if it lingers
+    owner.stdout.close()
+    assert [m.step for m in client.get_metric_history(run_id, "loss/total")] == list(range(5))
 
 
 def test_an_interrupt_waits_for_the_end_of_a_deferred_section(mlgate_signals):
