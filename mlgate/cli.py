@@ -197,7 +197,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    settings = ", mlgate compiled" if result["compile"] else ""
+    mode = result["compile"]
+    settings = "" if not mode else ", mlgate compiled" + (f" ({mode})" if isinstance(mode, str) else "")
     settings += f", diagnostics every {result['diagnostics_every']} steps"
     print(f"{result['method']} on {result['backbone']} ({result['device']}, {result['classes']} classes, "
           f"batch {result['batch']}, median of {result['rounds']} passes of {result['steps']} steps{settings})")
@@ -273,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto")
     b.add_argument("--configs", help="comma-separated subset of the configurations (default: all four)")
     b.add_argument("--name-words", type=int, default=1, help="words per class name (prompt length; ImageNet: ~6)")
-    b.add_argument("--compile", action="store_true",
-                   help="the mlgate configurations with train.compile on (compiled during the warm-up)")
+    b.add_argument("--compile", nargs="?", const=True, default=False, choices=[True, "default", "reduce-overhead"],
+                   metavar="MODE", help="the mlgate configurations with train.compile on (compiled during the "
+                   "warm-up); MODE: default (the default) or reduce-overhead (CUDA graphs)")
     b.add_argument("--diagnostics-every", type=int, metavar="N",
                    help="diagnostics (and their metrics) every N steps (default: logging.diagnostics_every's)")
     b.add_argument("--json", action="store_true")

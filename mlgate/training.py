@@ -234,12 +234,18 @@ def classification_loss(method: PromptMethod, inputs: torch.Tensor, class_ids: t
     return F.cross_entropy(logits.float(), targets)
 
 
+def compile_mode(cfg: TrainSpec) -> str | None:
+    """torch.compile's mode for ``train.compile`` (None: eager)."""
+    return None if cfg.compile is False else "default" if cfg.compile is True else cfg.compile
+
+
 @functools.cache
-def compiled_loss() -> Callable[..., torch.Tensor]:
-    """:func:`classification_loss` under ``torch.compile``, created once per process. Shapes are static
-    (a trial's batch and class set do not change); each trial starts with ``torch.compiler.reset()``
-    so its graphs do not count against the recompile limit of the trials before it."""
-    return torch.compile(classification_loss, dynamic=False)
+def compiled_loss(mode: str = "default") -> Callable[..., torch.Tensor]:
+    """:func:`classification_loss` under ``torch.compile`` in ``mode``, created once per process and
+    mode. Shapes are static (a trial's batch and class set do not change); each trial starts with
+    ``torch.compiler.reset()`` so its graphs do not count against the recompile limit of the trials
+    before it."""
+    return torch.compile(classification_loss, dynamic=False, mode=mode)
 
 
 def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, groups: dict[str, list[nn.Parameter]],
@@ -251,7 +257,11 @@ def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, gr
     tricks = cfg.gates
     gates = groups.get("gate", [])
     method.gate_temperature = temperature_at(step - 1, steps, tricks.temperature)
-    loss_fn = compiled_loss() if cfg.compile else classification_loss
+    mode = compile_mode(cfg)
+    if mode == "reduce-overhead":
+        # A new step: the CUDA graphs may reuse the memory of the last step's outputs (all consumed).
+        torch.compiler.cudagraph_mark_step_begin()
+    loss_fn = classification_loss if mode is None else compiled_loss(mode)
     loss_cls = loss_fn(method, inputs, class_ids, targets, use_bf16(cfg, inputs.device))
     regularizers = method.regularizers()
     if gates and tricks.entropy_weight > 0:
