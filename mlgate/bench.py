@@ -3,7 +3,8 @@
 - ``reference``: the way the reference trainers work — the frozen image encoder runs every step, the
   text encoder sees the full 77-token context through open_clip's own blocks (``nn.MultiheadAttention``
   with a mask tensor, every row of every layer), the loss is read back to the host every step, no
-  diagnostics;
+  diagnostics; on CUDA, where mlgate runs bf16 autocast, in a half-precision copy of CLIP, as the
+  reference trainers run it there (PREC fp16);
 - ``mlgate``: cached image features (for methods that do not prompt the vision tower), prompts
   trimmed to the longest one, one batched text pass, nothing synced to the host;
 - ``mlgate_diagnostics``: plus the gradient/gate diagnostics at the trainer's interval
@@ -114,11 +115,12 @@ def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmu
 def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 10, batch: int = 32,
           steps: int = 20, warmup: int = 3, overrides: list[str] | None = None, device: str = "auto",
           flush_every: int = 50, rounds: int = 3, configs: tuple[str, ...] = CONFIGS,
-          name_words: int = 1, compile: bool = False, diagnostics_every: int | None = None) -> dict[str, Any]:
+          name_words: int = 1, compile: bool | str = False, diagnostics_every: int | None = None) -> dict[str, Any]:
     """Steps/s, images/s and peak memory of ``method`` in the chosen configurations (default: all
     four), and the ratios between them. Class names are ``name_words`` words long (ImageNet's run
     to about 6), which sets the length of the trimmed prompts. ``compile`` runs the mlgate
-    configurations with ``train.compile`` (the reference stays eager, as the reference trainers).
+    configurations with ``train.compile`` set to it (true, or a mode: 'reduce-overhead'); the reference
+    stays eager, as the reference trainers.
     ``diagnostics_every`` is the trainer's ``logging.diagnostics_every`` (default: the spec's)."""
     if diagnostics_every is None:
         diagnostics_every = LoggingSpec().diagnostics_every
@@ -136,21 +138,30 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
     total = warmup + rounds * steps
     batches = [torch.randint(0, pool, (batch,), generator=gen).to(dev) for _ in range(total)]
 
-    def fresh():
+    def fresh(backbone_model=clip):
         torch.manual_seed(0)
-        m = build_method(cfg, clip, classnames).to(dev)
+        m = build_method(cfg, backbone_model, classnames).to(dev)
         return m, build_optimizer(m, train_cfg), m.param_groups()
 
-    # Reference: no cache, full 77-token context, loss.item() every step.
-    ref, ref_opt, _ = fresh()
+    # Reference: no cache, full 77-token context, loss.item() every step. Where mlgate runs bf16
+    # autocast (CUDA), the reference runs a half-precision copy of CLIP, as the reference trainers
+    # do on a GPU (PREC fp16: the model cast once, no per-op casts), so the ratios measure the work
+    # saved, not a dtype.
+    bf16 = use_bf16(train_cfg, dev)
+    ref_clip, ref_dtype = clip, torch.float32
+    if bf16:
+        ref_clip, ref_dtype = load_backbone(backbone, None, dev), torch.bfloat16
+        ref_clip.model.to(ref_dtype)
+    ref, ref_opt, _ = fresh(ref_clip)
     ref.use_full_context()
     ref.train()
 
     def reference_step(i: int) -> None:
         idx = batches[i - 1]
         with stock_blocks():  # open_clip's blocks, every row of every layer, as the reference's CLIP
-            x = images[idx] if ref.prompts_vision else clip.encode_image(images[idx])
-            loss = F.cross_entropy(ref(x, class_ids), labels[idx])
+            x = images[idx].to(ref_dtype)
+            loss = F.cross_entropy(ref(x if ref.prompts_vision else ref_clip.encode_image(x), class_ids).float(),
+                                   labels[idx])
             ref_opt.zero_grad()
             loss.backward()
         ref_opt.step()
@@ -225,7 +236,7 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
 
     return {
         "method": method, "backbone": backbone, "device": str(dev), "classes": n_classes, "batch": batch,
-        "steps": steps, "warmup": warmup, "rounds": rounds, "bf16": use_bf16(train_cfg, dev), "compile": compile,
+        "steps": steps, "warmup": warmup, "rounds": rounds, "bf16": bf16, "compile": compile,
         "diagnostics_every": diagnostics_every,
         "steps_per_s": {k: v[0] for k, v in results.items()},
         "images_per_s": {k: v[0] * batch for k, v in results.items()},
