@@ -6,12 +6,16 @@
 #   - ViT-B/16 speed-ups and GPU peak memory of coop (with MLflow logging) and the deep-prompt
 #     methods (bf16 autocast), the embedded backbone, cocoop, and coop compiled;
 #   - CoOp on ImageNet-1k's 1,000 classes at batch 32 within 16 GB, and the reference at batch 1.
-# Usage: device_check.sh [quick]   (quick: one method, fewer steps; to check the setup)
+# Usage: device_check.sh [quick | NAME...]   (quick: one method, fewer steps, to check the setup;
+# NAMEs: only those benches, e.g. coop_vitb16 cocoop_vitb16). Results: device-results/, and all of
+# them in one archive, $OUT/device-results.tgz (the device tool returns at most 8 files).
 # MLGATE_BENCH_DEVICE=cpu runs the same commands on the CPU (a dry run of the setup, here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-device-results}"
-mkdir -p "$out"
+out=device-results
+rm -rf "$out" && mkdir -p "$out"
+[ -n "${OUT:-}" ] && trap 'tar czf "$OUT/device-results.tgz" "$out"' EXIT
+only=" $* "
 py="$(command -v python3 || command -v python)"  # the GPU image's torch is under python3
 rm -rf .deps
 "$py" -m pip install -q --no-index --no-deps --target .deps .wheels/*.whl || exit 1
@@ -20,6 +24,7 @@ export PYTHONPATH="$PWD/.deps:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=
 deadline=$((SECONDS + ${DEVICE_BUDGET_S:-420}))
 bench() {  # name, time limit (s), then mlgate bench arguments
   local name="$1" limit="$2"; shift 2
+  if [ "$only" != "  " ] && [[ "$only" != *" $name "* ]]; then return; fi
   local left=$((deadline - SECONDS))
   if [ "$left" -lt 20 ]; then echo "$name: skipped (budget spent)"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
@@ -29,9 +34,16 @@ bench() {  # name, time limit (s), then mlgate bench arguments
   echo "$name: exit $? in $((SECONDS - start)) s (limit $limit)"
   tail -c 300 "$out/$name.err"; "$py" -m json.tool "$out/$name.json" 2>/dev/null | grep -A4 '"ratios"\|"gpu"'
 }
+profile() {  # name, time limit (s), then scripts/profile_step.py arguments
+  local name="$1" limit="$2"; shift 2
+  if [ "$only" != "  " ] && [[ "$only" != *" $name "* ]]; then return; fi
+  timeout "$limit" "$py" scripts/profile_step.py --device "${MLGATE_BENCH_DEVICE:-cuda}" "$@" > "$out/$name.txt" 2>&1
+  echo "$name: exit $?"; grep -m1 "ms/step" "$out/$name.txt"
+}
 configs=reference,mlgate,mlgate_diagnostics,mlgate_logging
 "$py" -c "import mlflow" 2>/dev/null || configs=reference,mlgate,mlgate_diagnostics
 if [ "${1:-}" = quick ]; then
+  only=" coop_vitb16_quick "
   bench coop_vitb16_quick 120 --method coop --backbone ViT-B-16 --steps 5 --warmup 2 --rounds 2 --configs "$configs"
   exit 0
 fi
@@ -47,3 +59,9 @@ bench coop_imagenet1k_reference_b1 90 "${imagenet[@]}" --batch 1 --configs refer
 bench coop_tiny 60 --method coop --steps 100 --warmup 10 --rounds 3 --configs "$configs"
 bench cocoop_vitb16 90 --method cocoop "${vitb[@]}"
 bench coop_vitb16_compiled 180 --method coop "${vitb[@]}" --compile
+for method in coop adapt cocoop; do  # compiled forward and backward replayed as CUDA graphs
+  bench "${method}_vitb16_cudagraphs" 180 --method "$method" "${vitb[@]}" --compile reduce-overhead
+done
+for method in coop cocoop adapt; do
+  profile "profile_${method}_vitb16" 60 --method "$method" --backbone ViT-B-16
+done
