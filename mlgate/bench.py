@@ -3,8 +3,8 @@
 - ``reference``: the way the reference trainers work — the frozen image encoder runs every step, the
   text encoder sees the full 77-token context through open_clip's own blocks (``nn.MultiheadAttention``
   with a mask tensor, every row of every layer), the loss is read back to the host every step, no
-  diagnostics; on CUDA, where mlgate runs bf16 autocast, in a half-precision copy of CLIP, as the
-  reference trainers run it there (PREC fp16);
+  diagnostics, every prompt in one text pass (no chunking); on CUDA, where mlgate runs bf16
+  autocast, in a half-precision copy of CLIP, as the reference trainers run it there (PREC fp16);
 - ``mlgate``: cached image features (for methods that do not prompt the vision tower), prompts
   trimmed to the longest one, one batched text pass, nothing synced to the host;
 - ``mlgate_diagnostics``: plus the gradient/gate diagnostics at the trainer's interval
@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -158,12 +159,16 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
 
     def reference_step(i: int) -> None:
         idx = batches[i - 1]
-        with stock_blocks():  # open_clip's blocks, every row of every layer, as the reference's CLIP
-            x = images[idx].to(ref_dtype)
-            loss = F.cross_entropy(ref(x if ref.prompts_vision else ref_clip.encode_image(x), class_ids).float(),
-                                   labels[idx])
-            ref_opt.zero_grad()
-            loss.backward()
+        chunk, ref_clip.text_chunk = ref_clip.text_chunk, sys.maxsize  # every prompt in one pass, unchunked
+        try:
+            with stock_blocks():  # open_clip's blocks, every row of every layer, as the reference's CLIP
+                x = images[idx].to(ref_dtype)
+                logits = ref(x if ref.prompts_vision else ref_clip.encode_image(x), class_ids)
+                loss = F.cross_entropy(logits.float(), labels[idx])
+                ref_opt.zero_grad()
+                loss.backward()
+        finally:
+            ref_clip.text_chunk = chunk
         ref_opt.step()
         loss.item()  # the reference trainers log the loss every step
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -57,6 +58,29 @@ def test_bench_reports_four_configurations_and_their_ratios(capsys):
     assert "speed-up vs reference" in capsys.readouterr().out
     assert main(["bench", "--steps", "0"]) == 2
     assert main(["bench", "--diagnostics-every", "0"]) == 2
+
+
+def test_the_bench_reference_encodes_every_prompt_in_one_pass(monkeypatch):
+    # The reference trainers have no chunking: their text pass, and its memory, grows with the label
+    # set. mlgate's chunks (here every 4 prompts; 256 by default).
+    from mlgate.bench import bench
+    from mlgate.clip import PromptedCLIP
+
+    passes = []
+    chunked = PromptedCLIP._chunked
+
+    def spy(self, encode, x, eot, args_for, chunk=None):
+        passes.append((x.shape[0], chunk or self.text_chunk))
+        return chunked(self, encode, x, eot, args_for, chunk)
+
+    monkeypatch.setattr(PromptedCLIP, "_chunked", spy)
+    monkeypatch.setattr(PromptedCLIP, "text_chunk", 4)
+    bench(steps=1, warmup=1, rounds=1, batch=4, configs=("reference", "mlgate"))
+    # Two steps each (warm-up and timed): the reference's 10 prompts unchunked, mlgate's chunked (its
+    # CoOp prompts packed into one sequence, in chunks of max(1, 4 // 10) sequences).
+    reference = [p for p in passes if p[1] == sys.maxsize]
+    assert reference == [(10, sys.maxsize)] * 2 and len(passes) == 4
+    assert all(chunk < 10 for _, chunk in set(passes) - set(reference))
 
 
 def test_bench_without_the_logging_configuration_needs_no_mlflow():
