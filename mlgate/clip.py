@@ -470,12 +470,14 @@ def run_block(block: nn.Module, x: torch.Tensor, causal: bool = False, kv_prefix
     attn = block.attn
     n, length, width = x.shape
     heads = attn.num_heads
+    in_weight, in_bias, out_weight, out_bias = _frozen_operands(
+        block, "attn", (attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias), x)
     h = block.ln_1(x)
     if kv_prefix is None and rows is None:
-        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(n, length, 3, heads, -1).unbind(2)
+        q, k, v = F.linear(h, in_weight, in_bias).view(n, length, 3, heads, -1).unbind(2)
     else:
-        w_q, w_kv = attn.in_proj_weight.split([width, 2 * width])
-        b_q, b_kv = attn.in_proj_bias.split([width, 2 * width])
+        w_q, w_kv = in_weight.split([width, 2 * width])
+        b_q, b_kv = in_bias.split([width, 2 * width])
         kv_input = h if kv_prefix is None else torch.cat([kv_prefix, h], 1)
         if rows is not None:
             x, h = _take_rows(x, rows), _take_rows(h, rows)
@@ -485,7 +487,7 @@ def run_block(block: nn.Module, x: torch.Tensor, causal: bool = False, kv_prefix
         k, v = F.linear(kv_input, w_kv, b_kv).view(n, -1, 2, heads, width // heads).unbind(2)
     out = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                      None if mask is None else mask.to(q.dtype), causal and mask is None)
-    out = F.linear(out.transpose(1, 2).reshape(n, -1, width), attn.out_proj.weight, attn.out_proj.bias)
+    out = F.linear(out.transpose(1, 2).reshape(n, -1, width), out_weight, out_bias)
     x = x + block.ls_1(out)
     return _mlp_residual(block, x)
 
@@ -502,9 +504,11 @@ def _mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x + block.ls_2(block.mlp(block.ln_2(x)))
     ln_weight, ln_bias, fc_bias, proj_bias = folded
     mlp = block.mlp
+    fc_weight, fc_bias, proj_weight, proj_bias = _frozen_operands(
+        block, "mlp", (mlp.c_fc.weight, fc_bias, mlp.c_proj.weight, proj_bias), x)
     h = F.layer_norm(x, block.ln_2.normalized_shape, ln_weight, ln_bias, block.ln_2.eps).to(x.dtype)
-    h = F.silu(F.linear(h, mlp.c_fc.weight, fc_bias))
-    return torch.add(x, F.linear(h, mlp.c_proj.weight, proj_bias), alpha=1 / _QUICK_GELU)
+    h = F.silu(F.linear(h, fc_weight, fc_bias))
+    return torch.add(x, F.linear(h, proj_weight, proj_bias), alpha=1 / _QUICK_GELU)
 
 
 def _quick_gelu_folded(block: nn.Module) -> tuple[torch.Tensor | None, ...] | None:
@@ -520,17 +524,42 @@ def _quick_gelu_folded(block: nn.Module) -> tuple[torch.Tensor | None, ...] | No
             and ln.bias is not None and mlp.c_fc.bias is not None):
         return None
     sources = (ln.weight, ln.bias, mlp.c_fc.bias, mlp.c_proj.bias)
+    return _kept(block, "_mlgate_quick_gelu", sources, lambda: tuple(p * _QUICK_GELU for p in sources))
 
-    def fold() -> tuple[torch.Tensor | None, ...]:
-        return tuple(None if p is None else p * _QUICK_GELU for p in sources)
 
-    if torch.compiler.is_compiling() or any(p is not None and p.requires_grad for p in sources):
-        return fold()
-    key = tuple(None if p is None else (p.data_ptr(), p._version) for p in sources)
-    cached = block.__dict__.get("_mlgate_quick_gelu")
+def _frozen_operands(block: nn.Module, part: str, tensors: tuple[torch.Tensor, ...],
+                     x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # A block's frozen matrices and biases as its matmuls take them: under autocast, copies in the
+    # autocast dtype kept on the block, for autocast recasts a weight at every use unless it learns
+    # (a sixth of an eager CoOp step's ops on a GPU: ViT-B/16 copies are 75 MB for the text tower,
+    # 170 MB for the image tower, in bf16). Outside autocast, the tensors themselves.
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is None or any(t is None for t in tensors) or all(t.dtype == dtype for t in tensors):
+        return tensors
+    return _kept(block, f"_mlgate_{part}_{dtype}", tensors, lambda: tuple(t.to(dtype) for t in tensors))
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    # The dtype autocast gives matmuls on this device now, or None when it is off.
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type: leave the recasting to autocast
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def _kept(block: nn.Module, slot: str, sources: tuple[torch.Tensor, ...],
+          make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    # make()'s tensors, derived from the block's frozen ``sources``, kept on the block between steps
+    # and made again when a source is replaced or changed in place (keyed on storage and version);
+    # made afresh while compiling (inductor folds them into its kernels) or if a source learns.
+    if torch.compiler.is_compiling() or any(p.requires_grad for p in sources):
+        return make()
+    key = tuple((p.data_ptr(), p._version) for p in sources)
+    cached = block.__dict__.get(slot)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = block.__dict__["_mlgate_quick_gelu"] = (key, fold())
+            cached = block.__dict__[slot] = (key, make())
     return cached[1]
 
 

@@ -245,6 +245,44 @@ def test_quick_gelu_runs_as_one_silu_with_open_clips_values():
                                gelu(y, attn_mask=torch.full((5, 5), float("-inf")).triu(1)), atol=1e-5, rtol=1e-4)
 
 
+def test_under_autocast_a_blocks_frozen_weights_are_cast_once(monkeypatch):
+    # Autocast recasts every fp32 weight at each use: a block's eight frozen matrices and biases kept
+    # in bf16 between steps leave only the activations' casts, with the same values and gradients.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import mlgate.clip
+    from mlgate.clip import run_block
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_to_copy":
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    block = load_backbone("mlgate-tiny", "mlgate").text.transformer.resblocks[0]
+    x = torch.randn(4, 7, 128)
+
+    def forward_and_backward():
+        y = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16), Casts() as casts:
+            out = run_block(block, y, causal=True)
+            out.float().square().sum().backward()
+        return out, y.grad, casts.shapes
+
+    forward_and_backward()  # the first call makes the bf16 copies
+    out, grad, kept = forward_and_backward()
+    monkeypatch.setattr(mlgate.clip, "_autocast_dtype", lambda device_type: None)  # autocast's own casts
+    recast_out, recast_grad, recast = forward_and_backward()
+    assert torch.equal(out, recast_out) and torch.equal(grad, recast_grad)
+    weights = {tuple(p.shape) for p in block.parameters() if p.dim() == 2}
+    assert weights <= set(recast) and not weights & set(kept)
+    assert len(recast) - len(kept) == 8  # in_proj, out_proj, c_fc, c_proj: weights and biases
+
+
 def test_the_last_block_on_the_pooled_row_alone_changes_nothing():
     # The last block computes the pooled token's row only (queries, attention output, MLP): its
     # output and gradients must be those of that row in the full block, for every kind of block.
