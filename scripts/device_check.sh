@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Issue 9's GPU checks in one run on the lent GPU machine; each result is a JSON file in $OUT
-# (or ./device-results), most important first, each under its own time limit and all within
-# DEVICE_BUDGET_S seconds (default 420), so one slow bench cannot take the others' time.
-# Prepare the wheels first (scripts/device_wheels.sh) and carry .wheels.
-#   - ViT-B/16 speed-ups and GPU peak memory of coop (with MLflow logging) and the deep-prompt
-#     methods (bf16 autocast), the embedded backbone, cocoop, and coop compiled;
-#   - CoOp on ImageNet-1k's 1,000 classes at batch 32 within 16 GB, and the reference at batch 1.
+# Issue 9's GPU checks in one run on the lent GPU machine, most important first, each under its
+# own time limit and all within DEVICE_BUDGET_S seconds (default 420), so one slow bench cannot
+# take the others' time. Prepare the wheels first (scripts/device_wheels.sh) and carry .wheels.
+#   - ViT-B/16 speed-ups and GPU peak memory (bf16 autocast; MLflow logging included): coop eager,
+#     coop / adapt / cocoop with CUDA graphs (train.compile: reduce-overhead), then the other
+#     methods eager, the embedded backbone, coop compiled in the default mode;
+#   - CoOp on ImageNet-1k's 1,000 classes at batch 32 within 16 GB, and the reference at batch 1;
+#   - where the step's time goes (scripts/profile_step.py), eager and with CUDA graphs.
 # Usage: device_check.sh [quick | NAME...]   (quick: one method, fewer steps, to check the setup;
 # NAMEs: only those benches, e.g. coop_vitb16 cocoop_vitb16). Results: device-results/, and all of
 # them in one archive, $OUT/device-results.tgz (the device tool returns at most 8 files).
@@ -48,20 +49,22 @@ if [ "${1:-}" = quick ]; then
   exit 0
 fi
 vitb=(--backbone ViT-B-16 --steps 30 --warmup 5 --rounds 3 --configs "$configs")
+# Open questions first: eager CoOp against the half-precision reference, then CUDA graphs.
 bench coop_vitb16 90 --method coop "${vitb[@]}"
-for method in maple adaptive_bimaple adapt; do
-  bench "${method}_vitb16" 90 --method "$method" "${vitb[@]}"
+for method in coop adapt cocoop; do  # compiled forward and backward replayed as CUDA graphs
+  bench "${method}_vitb16_cudagraphs" 180 --method "$method" "${vitb[@]}" --compile reduce-overhead
 done
 imagenet=(--method coop --backbone ViT-B-16 --classes 1000 --steps 2 --warmup 1 --rounds 1
           --set method.n_ctx=16 --set method.ctx_init=null --name-words 6)
 bench coop_imagenet1k_b32 90 "${imagenet[@]}" --batch 32 --configs mlgate
 bench coop_imagenet1k_reference_b1 90 "${imagenet[@]}" --batch 1 --configs reference
-bench coop_tiny 60 --method coop --steps 100 --warmup 10 --rounds 3 --configs "$configs"
-bench cocoop_vitb16 90 --method cocoop "${vitb[@]}"
-bench coop_vitb16_compiled 180 --method coop "${vitb[@]}" --compile
-for method in coop adapt cocoop; do  # compiled forward and backward replayed as CUDA graphs
-  bench "${method}_vitb16_cudagraphs" 180 --method "$method" "${vitb[@]}" --compile reduce-overhead
+for method in maple adaptive_bimaple adapt cocoop; do
+  bench "${method}_vitb16" 90 --method "$method" "${vitb[@]}"
 done
+bench coop_tiny 60 --method coop --steps 100 --warmup 10 --rounds 3 --configs "$configs"
+bench coop_tiny_cudagraphs 120 --method coop --steps 100 --warmup 10 --rounds 3 --configs "$configs" --compile reduce-overhead
+bench coop_vitb16_compiled 180 --method coop "${vitb[@]}" --compile
 for method in coop cocoop adapt; do
   profile "profile_${method}_vitb16" 60 --method "$method" --backbone ViT-B-16
+  profile "profile_${method}_vitb16_cudagraphs" 120 --method "$method" --backbone ViT-B-16 --compile reduce-overhead
 done
