@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlgate import plots
+from mlgate import interrupts, plots
 from mlgate.clip import PromptedCLIP, load_backbone
 from mlgate.describe import inference_gflops
 from mlgate.data import FewShotData, Split, cache_root, load_dataset
@@ -394,6 +394,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
     train_split = splits["train"]
     try:
         for step in range(1, steps + 1):
+            interrupts.check()  # a signal that landed in a finalizer (GC) and was dropped by Python
             factor = lr_factor(step - 1, steps, cfg, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = (cfg.schedule.warmup_lr if factor is None
