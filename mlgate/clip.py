@@ -110,50 +110,58 @@ class PromptedCLIP(nn.Module):
         return self._chunked(self._encode_text, x, eot_index, lambda part: (
             n_prompt, [d[part] if d is not None and d.dim() == 3 else d for d in deep]))
 
-    def encode_text_shared_prefix(self, x: torch.Tensor, eot_index: torch.Tensor, n_shared: int,
-                                  groups: int = 1) -> torch.Tensor:
-        """Text features (N, E) of embedded prompts whose first ``n_shared`` embeddings are the same in
-        every sequence (SOS and a shared context: CoOp), or within each of ``groups`` consecutive
-        runs of N / groups sequences (CoCoOp: one per image). Under causal attention those positions'
-        states are then the same too, so they are computed once per group. Same features as
-        :meth:`encode_text_embeddings`, without paying for the shared part once per class.
+    def encode_text_shared_prefix(self, shared: torch.Tensor, own: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """Text features (G × N, E) of G groups of N prompts: prompt (g, n) is ``shared[g]`` (S
+        embeddings the group's prompts all open with: SOS and a context) followed by ``own[n]``
+        (prompt n's own L − S embeddings: class name, '.', EOT, frozen). ``eot_index`` (N,) is each
+        prompt's EOT position. CoOp has one group; CoCoOp one per image. Same features as
+        :meth:`encode_text_embeddings` on the assembled (G × N, L, D) prompts, group-major, without
+        building them or paying for the shared part once per prompt: under causal attention the shared
+        positions' states are the same in all of a group's prompts, so they are computed once.
 
         Few prompts per group are packed into one sequence (:meth:`_encode_packed`); more, and (with
         one group) the shared states are computed on their own and given to every sequence as a
         key/value prefix."""
         blocks = self.text.transformer.resblocks
-        n, length = x.shape[:2]
-        per_group = n // groups
-        if not 0 < n_shared < length or per_group < 2 or not all(_lean(b) for b in blocks):
-            return self.encode_text_embeddings(x, eot_index)
-        if n_shared + per_group * (length - n_shared) <= self.packed_max_rows:
-            return self._encode_packed(x, eot_index, n_shared, groups)
+        groups, n_shared = shared.shape[:2]
+        n, n_own = own.shape[:2]
+        if n < 2 or not all(_lean(b) for b in blocks):
+            return self._encode_assembled(shared, own, eot_index)
+        if n_shared + n * n_own <= self.packed_max_rows:
+            return self._encode_packed(shared, own, eot_index)
         if groups > 1 or (n - 1) * n_shared < self.shared_prefix_min_rows:
-            return self.encode_text_embeddings(x, eot_index)
-        x, _ = self._text_input(x)
-        shared, states = x[:1, :n_shared], []
+            return self._encode_assembled(shared, own, eot_index)
+        x, _ = self._text_input(shared)
+        states = []
         for block in blocks:
-            states.append(shared)
-            shared = run_block(block, shared, causal=True)
+            states.append(x)
+            x = run_block(block, x, causal=True)
         states_by_layer = torch.cat(states)
-        return self._chunked(self._encode_after_prefix, x[:, n_shared:], eot_index - n_shared,
-                             lambda part: (states_by_layer,))
+        own, _ = self._text_input(own, start=n_shared)
+        return self._chunked(self._encode_after_prefix, own, eot_index - n_shared, lambda part: (states_by_layer,))
 
-    def _encode_packed(self, x: torch.Tensor, eot_index: torch.Tensor, n_shared: int, groups: int = 1) -> torch.Tensor:
-        # Each group's prompts as one sequence: the shared prefix once, then each prompt's own tokens in
-        # turn. A block mask lets each prompt's tokens see the prefix and, causally, their own tokens
-        # only, so every token attends to exactly what it would in its own sequence. Positions are
-        # added before packing (CLIP's are absolute, added once), so every token keeps its own.
-        x, _ = self._text_input(x)
-        n, length, width = x.shape
-        per_group, own = n // groups, length - n_shared
-        x = x.view(groups, per_group, length, width)
-        packed = torch.cat([x[:, 0, :n_shared], x[:, :, n_shared:].reshape(groups, per_group * own, width)], 1)
-        mask = self._packed_mask(per_group, own, n_shared, x.device, x.dtype)
-        eot = eot_index.view(groups, per_group) + own * torch.arange(per_group, device=x.device)  # packed EOTs
+    def _encode_assembled(self, shared: torch.Tensor, own: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        # The prompts of encode_text_shared_prefix assembled, (G × N, L, D), through the plain pass.
+        (groups, n_shared, width), n = shared.shape, own.shape[0]
+        prompts = torch.cat([shared.unsqueeze(1).expand(-1, n, -1, -1),
+                             own.to(shared.dtype).unsqueeze(0).expand(groups, -1, -1, -1)], 2)
+        return self.encode_text_embeddings(prompts.flatten(0, 1), eot_index.repeat(groups))
+
+    def _encode_packed(self, shared: torch.Tensor, own: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        # Each group's prompts as one sequence: the shared part once, then each prompt's own tokens in
+        # turn. A block mask lets each prompt's tokens see the shared part and, causally, their own
+        # tokens only, so every token attends to exactly what it would in its own sequence. Positions
+        # are added before packing (CLIP's are absolute, added once), so every token keeps its own.
+        # The own tokens are frozen: positioned and packed without autograd, the same for every group.
+        shared, cast = self._text_input(shared)
+        own, _ = self._text_input(own, start=shared.shape[1])
+        (groups, n_shared, width), (n, n_own) = shared.shape, own.shape[:2]
+        packed = torch.cat([shared, own.reshape(1, n * n_own, width).expand(groups, -1, -1)], 1)
+        mask = self._packed_mask(n, n_own, n_shared, shared.device, cast)
+        eot = (eot_index + n_own * torch.arange(n, device=shared.device)).expand(groups, -1)  # packed EOTs
         # Groups per chunk: about as many prompts as a chunk of the plain pass.
         return self._chunked(self._packed_blocks, packed, eot, lambda part: (mask,),
-                             chunk=max(1, self.text_chunk // per_group))
+                             chunk=max(1, self.text_chunk // n))
 
     def _packed_blocks(self, packed: torch.Tensor, eot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # (G, T, D) packed sequences → (G × N, E) features at their (G, N) EOT rows.
@@ -225,10 +233,10 @@ class PromptedCLIP(nn.Module):
             x = run_block(block, x, causal=True, rows=eot if i == last else None)
         return self._text_output(x)
 
-    def _text_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
-        # Token embeddings + positions, in the tower's compute dtype.
+    def _text_input(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.dtype]:
+        # Token embeddings (..., L, D) at positions start... + their positions, in the tower's compute dtype.
         cast = self.text.transformer.get_cast_dtype()
-        return x.to(cast) + self.text.positional_embedding[: x.shape[1]].to(cast), cast
+        return x.to(cast) + self.text.positional_embedding[start : start + x.shape[-2]].to(cast), cast
 
     def _text_output(self, x: torch.Tensor) -> torch.Tensor:
         # x: (N, 1, D), the EOT token's state after the last block. Final norm, projection.

@@ -326,9 +326,8 @@ def test_a_shared_prefix_is_encoded_once_with_the_same_features_and_gradients(mo
     coop = build_method(method_config("coop", ["method.n_ctx=6", "method.ctx_init=null"]), clip, names)
     ids = torch.arange(len(names))
 
-    def features_and_grad(encode, **kwargs):
-        prompts, eot = coop.tokens.assemble(coop.context(), ids)
-        out = encode(prompts, eot, **kwargs)
+    def features_and_grad(encode, parts=coop.tokens.assemble):
+        out = encode(*parts(coop.context(), ids))
         grad, = torch.autograd.grad(out.square().sum(), coop.ctx)
         return out.detach(), grad
 
@@ -345,9 +344,11 @@ def test_a_shared_prefix_is_encoded_once_with_the_same_features_and_gradients(mo
         monkeypatch.setattr(clip, "packed_max_rows", packed_max_rows)
         monkeypatch.setattr(clip, "shared_prefix_min_rows", 1)
         monkeypatch.setattr(clip, "text_chunk", chunk)
-        shared, shared_grad = features_and_grad(clip.encode_text_shared_prefix, n_shared=7)
+        shared, shared_grad = features_and_grad(clip.encode_text_shared_prefix, coop.tokens.assemble_shared)
         torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(shared_grad, plain_grad, atol=1e-4, rtol=1e-4)
+        # The gradient sums a dozen prompts' paths in another order; entries reach several hundred, so
+        # float32 rounding is ~1e-3 (the plain pass itself is that far from a float64 one).
+        torch.testing.assert_close(shared_grad, plain_grad, atol=1e-5 * plain_grad.abs().max(), rtol=1e-4)
     # 3 chunks, each run again in the backward (checkpointing recomputes).
     assert taken == ["_encode_packed", "_encode_after_prefix", *["_encode_after_prefix"] * 6]
     # CoOp takes the shared path itself, packed with the default settings.

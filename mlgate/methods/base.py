@@ -197,6 +197,16 @@ class ClassTokens(nn.Module):
             ctx = ctx.unsqueeze(0).expand(len(class_ids), -1, -1)
         return torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=1), self.eot[class_ids]
 
+    def assemble_shared(self, ctx: torch.Tensor, class_ids: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`assemble`'s prompts in the two parts :meth:`PromptedCLIP.encode_text_shared_prefix`
+        takes: what they open with, SOS + context, (G, 1 + n, D) for a context (n, D) shared by all
+        (G = 1) or one per group (G, n, D); each class's own frozen tokens (C, L − 1 − n, D); and the
+        EOT positions (C,)."""
+        ctx = ctx.unsqueeze(0) if ctx.dim() == 2 else ctx
+        sos = self.prefix[:1].expand(ctx.shape[0], -1, -1)  # every class prompt opens with the same SOS
+        return torch.cat([sos, ctx.to(sos.dtype)], 1), self.suffix[class_ids], self.eot[class_ids]
+
     def assemble_positioned(self, ctx: torch.Tensor, class_ids: torch.Tensor, position: str
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`assemble`, with the class name at the ``front`` or in the ``middle`` of the context."""

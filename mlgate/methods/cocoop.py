@@ -80,12 +80,11 @@ class CoCoOp(PromptMethod):
                 ctx = ctx * gates.unsqueeze(-1)
         n_img, n_cls = ctx.shape[0], len(class_ids)
         # Every image gets its own prompts for every class: B×C sequences, in one batched text pass.
-        per_prompt = ctx.unsqueeze(1).expand(n_img, n_cls, -1, -1).reshape(n_img * n_cls, *ctx.shape[1:])
-        prompts, eot = self.tokens.assemble(per_prompt, class_ids.repeat(n_img))
         if self.tokens.trimmed:  # an image's prompts all open with SOS + its context: encoded once per image
-            text = self.clip.encode_text_shared_prefix(prompts, eot, 1 + self.cfg.n_ctx, groups=n_img)
+            text = self.clip.encode_text_shared_prefix(*self.tokens.assemble_shared(ctx, class_ids))
         else:
-            text = self.clip.encode_text_embeddings(prompts, eot)
+            per_prompt = ctx.unsqueeze(1).expand(n_img, n_cls, -1, -1).reshape(n_img * n_cls, *ctx.shape[1:])
+            text = self.clip.encode_text_embeddings(*self.tokens.assemble(per_prompt, class_ids.repeat(n_img)))
         text = F.normalize(text, dim=-1).view(n_img, n_cls, -1)
         return self.clip.logit_scale * torch.einsum("bd,bcd->bc", image_features, text)
 

@@ -59,11 +59,13 @@ class CoOp(PromptMethod):
         ctx = self.context()
         if ctx.dim() == 3:
             ctx = ctx[class_ids]
-        prompts, eot = self.tokens.assemble_positioned(ctx, class_ids, self.cfg.class_token_position)
         if ctx.dim() == 2 and self.cfg.class_token_position == "end" and self.tokens.trimmed:
             # SOS + the shared context open every prompt: encoded once, not once per class.
-            return F.normalize(self.clip.encode_text_shared_prefix(prompts, eot, 1 + self.cfg.n_ctx), dim=-1)
-        return F.normalize(self.clip.encode_text_embeddings(prompts, eot), dim=-1)
+            text = self.clip.encode_text_shared_prefix(*self.tokens.assemble_shared(ctx, class_ids))
+        else:
+            text = self.clip.encode_text_embeddings(
+                *self.tokens.assemble_positioned(ctx, class_ids, self.cfg.class_token_position))
+        return F.normalize(text, dim=-1)
 
     def forward(self, image_features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         image_features = F.normalize(image_features, dim=-1)
