@@ -1,0 +1,120 @@
+"""A/B of one training step: this checkout's mlgate against another git revision's, in one process,
+timed in alternating blocks (on a shared VM, two processes, even back to back, differ by up to ±10%).
+
+    python scripts/ab_step.py --base HEAD~1 --method coop [--backbone mlgate-tiny] [--classes 10] \
+        [--batch 32] [--steps 300] [--rounds 10] [--device cpu]
+
+The base revision's ``mlgate`` package is exported with ``git archive`` and imported as ``mlgate_base``.
+Both sides train the same method (the spec's defaults) on the same random-init backbone and inputs;
+the medians of the timed blocks and their ratio are printed, and, as a measure that does not
+depend on the machine's load, the ATen ops each side dispatches per step (outermost calls only: what
+Python and autograd ask for, each a kernel launch or more on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def export_base(revision: str, into: Path) -> str:
+    """Extract ``revision``'s mlgate package into ``into`` as ``mlgate_base``; returns that name."""
+    archive = subprocess.run(["git", "archive", revision, "mlgate"], cwd=ROOT, check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    (into / "mlgate").rename(into / "mlgate_base")
+    for path in (into / "mlgate_base").rglob("*.py"):
+        text = path.read_text()
+        path.write_text(re.sub(r"\b(from|import) mlgate(?=[.\s])", r"\1 mlgate_base", text))
+    return "mlgate_base"
+
+
+def step_of(package: str, args: argparse.Namespace) -> Callable[[], None]:
+    """A closure running one optimization step of ``package``'s method, warmed up."""
+    def module(name: str):
+        return importlib.import_module(f"{package}.{name}")
+
+    training = module("training")
+    device = training.resolve_device(args.device)
+    cfg, train_cfg = module("describe").method_config(args.method, []), module("spec").TrainSpec()
+    clip = module("clip").load_backbone(args.backbone, None, device)
+    torch.manual_seed(0)
+    method = module("methods").build_method(cfg, clip, [f"class {i}" for i in range(args.classes)]).to(device)
+    optimizer, groups = training.build_optimizer(method, train_cfg), method.param_groups()
+    torch.manual_seed(1)
+    size = clip.image_norm.size
+    images = torch.randn(args.batch, 3, size, size, device=device)
+    inputs = images if method.prompts_vision else clip.encode_image(images).float().detach()
+    labels = torch.randint(0, args.classes, (args.batch,), device=device)
+    ids = torch.arange(args.classes, device=device)
+
+    def step() -> None:
+        training.optimization_step(method, optimizer, groups, train_cfg, inputs, labels, ids, 5, 100)
+
+    for _ in range(5):
+        step()
+    return step
+
+
+def ops_per_step(step: Callable[[], None], steps: int = 5) -> int:
+    """ATen ops dispatched per step, counting only calls not made from inside another ATen op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    outermost = [e for e in prof.events() if e.name.startswith("aten::")
+                 and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+    return round(len(outermost) / steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="HEAD", help="git revision to compare against (default HEAD)")
+    parser.add_argument("--method", default="coop")
+    parser.add_argument("--backbone", default="mlgate-tiny")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=300, help="steps per timed block")
+    parser.add_argument("--rounds", type=int, default=10, help="timed blocks per side")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.path.insert(0, tmp)
+        sides = {"base": step_of(export_base(args.base, Path(tmp)), args), "this": step_of("mlgate", args)}
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        for r in range(args.rounds):
+            for name in sorted(sides, reverse=bool(r % 2)):  # alternate which side goes first
+                sync()
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    sides[name]()
+                sync()
+                times[name].append((time.perf_counter() - start) / args.steps * 1e3)
+        ops = {name: ops_per_step(step) for name, step in sides.items()}
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in times.items():
+        print(f"{name:5s} {median[name]:8.3f} ms/step, {ops[name]} ATen ops/step "
+              f"(median; blocks: {' '.join(f'{x:.2f}' for x in t)})")
+    print(f"{args.method} on {args.backbone}: this / {args.base} = {median['this'] / median['base']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
