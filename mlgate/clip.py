@@ -478,11 +478,15 @@ def run_block(block: nn.Module, x: torch.Tensor, causal: bool = False, kv_prefix
     attn = block.attn
     n, length, width = x.shape
     heads = attn.num_heads
+    head_width = width // heads
     in_weight, in_bias, out_weight, out_bias = _frozen_operands(
         block, "attn", (attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias), x)
     h = block.ln_1(x)
+    # The matmuls take flat (rows, D) inputs: F.linear on a 3-D input wraps its addmm in reshapes, each
+    # with a node in the backward. (q, k, v are unbound along their own axis, whose backward stacks the
+    # gradients straight into the matmul's layout; a permute first would cost a copy there.)
     if kv_prefix is None and rows is None:
-        q, k, v = F.linear(h, in_weight, in_bias).view(n, length, 3, heads, -1).unbind(2)
+        q, k, v = F.linear(h.reshape(-1, width), in_weight, in_bias).view(n, length, 3, heads, head_width).unbind(2)
     else:
         w_q, w_kv = in_weight.split([width, 2 * width])
         b_q, b_kv = in_bias.split([width, 2 * width])
@@ -491,13 +495,15 @@ def run_block(block: nn.Module, x: torch.Tensor, causal: bool = False, kv_prefix
             x, h = _take_rows(x, rows), _take_rows(h, rows)
             mask = _row_mask(mask, causal, rows, length, kv_input.shape[1], x.dtype)
             causal = False
-        q = F.linear(h, w_q, b_q).view(n, h.shape[1], heads, -1)
-        k, v = F.linear(kv_input, w_kv, b_kv).view(n, -1, 2, heads, width // heads).unbind(2)
-    out = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                     None if mask is None else mask.to(q.dtype), causal and mask is None)
-    out = F.linear(out.transpose(1, 2).reshape(n, -1, width), out_weight, out_bias)
-    x = x + block.ls_1(out)
-    return _mlp_residual(block, x)
+        q = F.linear(h.reshape(-1, width), w_q, b_q).view(n, -1, heads, head_width)
+        k, v = F.linear(kv_input.reshape(-1, width), w_kv, b_kv).view(n, -1, 2, heads, head_width).unbind(2)
+    if mask is not None and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
+    out = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal and mask is None)
+    out = F.linear(out.transpose(1, 2).reshape(-1, width), out_weight, out_bias)
+    rows_out = x.shape[1]
+    x = x.reshape(-1, width) + (out if isinstance(block.ls_1, nn.Identity) else block.ls_1(out))
+    return _mlp_residual(block, x).view(n, rows_out, width)
 
 
 _QUICK_GELU = 1.702  # QuickGELU(a) = a · sigmoid(1.702 a) = SiLU(1.702 a) / 1.702
@@ -514,7 +520,9 @@ def _mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     mlp = block.mlp
     fc_weight, fc_bias, proj_weight, proj_bias = _frozen_operands(
         block, "mlp", (mlp.c_fc.weight, fc_bias, mlp.c_proj.weight, proj_bias), x)
-    h = F.layer_norm(x, block.ln_2.normalized_shape, ln_weight, ln_bias, block.ln_2.eps).to(x.dtype)
+    h = F.layer_norm(x, block.ln_2.normalized_shape, ln_weight, ln_bias, block.ln_2.eps)
+    if h.dtype != x.dtype:  # a half-precision tower under autocast, whose layer norm gives float32
+        h = h.to(x.dtype)
     h = F.silu(F.linear(h, fc_weight, fc_bias))
     return torch.add(x, F.linear(h, proj_weight, proj_bias), alpha=1 / _QUICK_GELU)
 
