@@ -157,7 +157,8 @@ class PromptedCLIP(nn.Module):
         own, _ = self._text_input(own, start=shared.shape[1])
         (groups, n_shared, width), (n, n_own) = shared.shape, own.shape[:2]
         packed = torch.cat([shared, own.reshape(1, n * n_own, width).expand(groups, -1, -1)], 1)
-        mask = self._packed_mask(n, n_own, n_shared, shared.device, cast)
+        # The mask in the dtype attention will see (autocast's), so no layer casts it.
+        mask = self._packed_mask(n, n_own, n_shared, shared.device, _autocast_dtype(shared.device.type) or cast)
         eot = (eot_index + n_own * torch.arange(n, device=shared.device)).expand(groups, -1)  # packed EOTs
         # Groups per chunk: about as many prompts as a chunk of the plain pass.
         return self._chunked(self._packed_blocks, packed, eot, lambda part: (mask,),
@@ -171,7 +172,9 @@ class PromptedCLIP(nn.Module):
         return self._text_output(packed.reshape(-1, 1, packed.shape[-1]))
 
     def _packed_mask(self, n: int, own: int, n_shared: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        # The additive (T, T) mask of _encode_packed, built once per shape (a trial asks for one).
+        # The additive (T, T) mask of _encode_packed, built once per shape (a trial asks for one). Its rows
+        # are laid out 16 elements apart: CUDA's memory-efficient attention takes such a mask as it is,
+        # and pads (copies) any other at every call.
         key = (n, own, n_shared, device, dtype)
         # Created here, not in __init__: a dict attribute set there makes torch.compile guard on its
         # contents and compile the step a second time once the mask is in it.
@@ -181,7 +184,9 @@ class PromptedCLIP(nn.Module):
             prompt = torch.cat([torch.full((n_shared,), -1, device=device),
                                 torch.arange(n, device=device).repeat_interleave(own)])  # -1: shared
             visible = (position[None] <= position[:, None]) & ((prompt[None] == -1) | (prompt[None] == prompt[:, None]))
-            masks[key] = torch.zeros(visible.shape, device=device, dtype=dtype).masked_fill(~visible, float("-inf"))
+            length = len(position)
+            aligned = torch.zeros(length, -(-length // 16) * 16, device=device, dtype=dtype)[:, :length]
+            masks[key] = aligned.masked_fill_(~visible, float("-inf"))
         return masks[key]
 
     def _encode_after_prefix(self, x: torch.Tensor, eot: torch.Tensor, states: torch.Tensor) -> torch.Tensor:

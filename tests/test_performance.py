@@ -359,6 +359,31 @@ def test_a_shared_prefix_is_encoded_once_with_the_same_features_and_gradients(mo
     assert taken and logits.shape == (4, len(names))
 
 
+def test_the_packed_mask_reaches_attention_as_it_is_kept(monkeypatch):
+    # The packed CoOp mask is built once, in the dtype attention sees (autocast's bf16 here, as on a
+    # GPU) and with rows 16 elements apart (what CUDA's memory-efficient attention takes without
+    # padding a copy): every packed layer gets that very tensor, with no cast on the way.
+    import mlgate.clip as clip_module
+    from mlgate.describe import method_config
+    from mlgate.methods import build_method
+
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    coop = build_method(method_config("coop", []), clip, [f"class {i}" for i in range(5)])
+    seen = []
+    original = clip_module._attention
+    monkeypatch.setattr(clip_module, "_attention", lambda q, k, v, mask, causal: seen.append((q.dtype, mask)) or
+                        original(q, k, v, mask, causal))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        coop.text_features(torch.arange(5)).sum().backward()
+    kept, = clip.__dict__["_packed_masks"].values()
+    assert kept.dtype == torch.bfloat16 and kept.stride(0) % 16 == 0 and kept.shape[0] == kept.shape[1] > 16
+    *packed_layers, last = seen
+    assert len(packed_layers) == len(clip.text.transformer.resblocks) - 1
+    assert all(dtype == torch.bfloat16 and mask is kept for dtype, mask in packed_layers)
+    assert last[1].dtype == torch.bfloat16  # the pooled rows' slice of it
+    assert coop.ctx.grad is not None and coop.ctx.grad.abs().sum() > 0
+
+
 def test_cocoop_packs_each_images_prompts_with_the_same_logits_and_gradients(monkeypatch):
     # CoCoOp: every image's class prompts share SOS + that image's context; packed per image (in one
     # pass, and in chunks of images under checkpointing), nothing may change.
