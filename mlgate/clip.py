@@ -208,11 +208,13 @@ class PromptedCLIP(nn.Module):
         n, chunk = x.shape[0], chunk or self.text_chunk
         if n <= chunk or not torch.is_grad_enabled():
             return encode(x, eot, *args_for(slice(None)))
+        # Compiled (train.compile), the recomputation is part of the traced backward, so it needs no
+        # context (and torch.compile takes none but dispatch modes there).
+        extra = {} if torch.compiler.is_compiling() else {"context_fn": _recompute_with_the_same_blocks}
         out = []
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
-            out.append(checkpoint(encode, x[part], eot[part], *args_for(part), use_reentrant=False,
-                                  context_fn=_recompute_with_the_same_blocks))
+            out.append(checkpoint(encode, x[part], eot[part], *args_for(part), use_reentrant=False, **extra))
         return torch.cat(out)
 
     def _encode_text(self, x: torch.Tensor, eot_index: torch.Tensor, n_prompt: int = 0,
