@@ -15,6 +15,10 @@
   (``sender_cpu_ms_per_step``, and ``ratios.logging_cpu`` as a fraction of step time): on a machine
   with no core to spare, logging adds at least that much to a trial.
 
+Each configuration runs in timed passes, round-robin; steps/s come from its median pass, and each
+ratio is the median of the two configurations' pass-time ratios within a round (``pass_seconds``
+holds every pass), so a drift in a shared machine's load across rounds does not enter it.
+
 Random-init weights and random images: the cost of a step does not depend on their values.
 """
 
@@ -76,13 +80,14 @@ class HostPeak:
 
 def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmup: int, rounds: int,
             device: torch.device, settle: dict[str, Callable[[], None]] | None = None,
-            ) -> dict[str, tuple[float, float, float]]:
-    """(steps per second, peak GPU MB, peak host growth MB) per configuration: each warmed up (host
-    memory is sampled then, so the sampler stays out of the timed passes), then timed in ``rounds``
-    round-robin passes of ``steps`` steps (so drifts in machine load hit every configuration alike),
-    keeping the median pass. ``settle[name]`` runs after that configuration's warm-up and each of its
-    passes, untimed (the metric sender drains, so its work does not land in the next configuration's
-    time; :func:`bench` reports that work separately, as the sender's CPU time)."""
+            ) -> dict[str, tuple[float, float, float, list[float]]]:
+    """(steps per second, peak GPU MB, peak host growth MB, seconds of each pass) per configuration:
+    each warmed up (host memory is sampled then, so the sampler stays out of the timed passes), then
+    timed in ``rounds`` round-robin passes of ``steps`` steps (so drifts in machine load hit every
+    configuration alike), steps per second from the median pass. ``settle[name]`` runs after that
+    configuration's warm-up and each of its passes, untimed (the metric sender drains, so its work
+    does not land in the next configuration's time; :func:`bench` reports that work separately, as
+    the sender's CPU time)."""
     settle = settle or {}
     host = dict.fromkeys(steps_by_config, 0.0)
     for name, step in steps_by_config.items():
@@ -110,7 +115,14 @@ def measure(steps_by_config: dict[str, Callable[[int], None]], steps: int, warmu
             if device.type == "cuda":
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**20)
         counter += steps
-    return {name: (steps / statistics.median(t), peaks[name], host[name]) for name, t in times.items()}
+    return {name: (steps / statistics.median(t), peaks[name], host[name], t) for name, t in times.items()}
+
+
+def paired_ratio(slower: list[float], faster: list[float]) -> float:
+    """The median, over rounds, of one configuration's pass time over another's in the same round.
+    The passes of a round run back to back, so a drift in the machine's load that spans rounds
+    (common on a shared machine) cancels, where a ratio of the two medians would keep it."""
+    return statistics.median(a / b for a, b in zip(slower, faster))
 
 
 def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 10, batch: int = 32,
@@ -235,15 +247,17 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
         sender_s_per_step = (cpu_end - cpu_start) / max(1, steps_end - steps_start)
 
     seconds = {k: 1.0 / v[0] for k, v in results.items()}
+    passes = {k: v[3] for k, v in results.items()}
 
     def ratio(slower: str, faster: str, minus: float = 0.0) -> float | None:
-        return seconds[slower] / seconds[faster] - minus if slower in seconds and faster in seconds else None
+        return paired_ratio(passes[slower], passes[faster]) - minus if slower in passes and faster in passes else None
 
     return {
         "method": method, "backbone": backbone, "device": str(dev), "classes": n_classes, "batch": batch,
         "steps": steps, "warmup": warmup, "rounds": rounds, "bf16": bf16, "compile": compile,
         "diagnostics_every": diagnostics_every,
         "steps_per_s": {k: v[0] for k, v in results.items()},
+        "pass_seconds": passes,  # every timed pass, round by round: the ratios pair them
         "images_per_s": {k: v[0] * batch for k, v in results.items()},
         "peak_memory_mb": {"gpu": {k: v[1] for k, v in results.items()},
                            "host_step": {k: v[2] for k, v in results.items()},

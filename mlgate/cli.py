@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=32)
     b.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration (host memory is sampled over them)")
-    b.add_argument("--rounds", type=int, default=3, help="round-robin timed passes per configuration (median kept)")
+    b.add_argument("--rounds", type=int, default=3, help="round-robin timed passes per configuration "
+                   "(steps/s from the median pass, ratios from the median of each round's pair)")
     b.add_argument("--set", action="append", metavar="method.KEY=VALUE")
     b.add_argument("--device", default="auto")
     b.add_argument("--configs", help="comma-separated subset of the configurations (default: all four)")
