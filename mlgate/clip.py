@@ -322,14 +322,20 @@ class PromptedCLIP(nn.Module):
     @staticmethod
     def _kv_mask(base: torch.Tensor | None, length: int, n_prompt: int, active: torch.Tensor | None,
                  device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-        # (L, P + L) additive mask: a masked prompt token is -inf for every query (no part in attention).
-        if n_prompt == 0:
+        # Additive mask over [the P prompt tokens, the L positions]: a masked prompt token is -inf for
+        # every query (no part in attention). With a base (the text tower's causal (L, L)), (L, P + L);
+        # without, one row all queries share, (1, P + L), or None when every token takes part (three
+        # kernels a layer fewer than building the full (L, P + L) mask, at every layer and step).
+        if n_prompt == 0 or (active is None and base is None):
             return base
-        prompt_cols = torch.zeros(length, n_prompt, device=device, dtype=dtype)
+        if base is None:
+            mask = torch.zeros(1, n_prompt + length, device=device, dtype=dtype)
+            mask[:, :n_prompt].masked_fill_(active == 0, float("-inf"))
+            return mask
+        prompt_cols = torch.zeros(1, n_prompt, device=device, dtype=dtype)
         if active is not None:
-            prompt_cols = prompt_cols.masked_fill(~active.bool().unsqueeze(0), float("-inf"))
-        rest = base if base is not None else torch.zeros(length, length, device=device, dtype=dtype)
-        return torch.cat([prompt_cols, rest.to(dtype)], dim=1)
+            prompt_cols.masked_fill_(active == 0, float("-inf"))
+        return torch.cat([prompt_cols.expand(length, -1), base.to(dtype)], dim=1)
 
     def encode_text_kv(self, x: torch.Tensor, eot_index: torch.Tensor, prompts: Sequence[torch.Tensor | None],
                        active: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -474,6 +480,8 @@ def run_block(block: nn.Module, x: torch.Tensor, causal: bool = False, kv_prefix
     of the last block's work.
     """
     if not _lean(block):
+        if mask is not None and mask.shape[0] == 1:  # a row all queries share: nn.MultiheadAttention wants (L, S)
+            mask = mask.expand(x.shape[1], -1)
         if kv_prefix is None:
             x = block(x, attn_mask=mask if mask is not None else (_causal(x) if causal else None))
         else:
@@ -608,10 +616,10 @@ def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def _row_mask(mask: torch.Tensor | None, causal: bool, rows: torch.Tensor, length: int, keys: int,
               dtype: torch.dtype) -> torch.Tensor | None:
     # The additive mask of the kept query rows ((N, R) or (N,)), (N, 1, R, keys): the rows of an
-    # (L, keys) mask, or the causal rule (a row sees positions up to its own) over the last ``length`` keys.
+    # (L, keys) mask (a (1, keys) one applies to every row as it is), or the causal rule (a row sees positions up to its own) over the last ``length`` keys.
     rows = rows if rows.dim() == 2 else rows.unsqueeze(1)
     if mask is not None:
-        return mask[rows].unsqueeze(1)
+        return mask if mask.shape[0] == 1 else mask[rows].unsqueeze(1)  # (1, keys): one row for all queries
     if not causal:
         return None
     later = torch.arange(length, device=rows.device) > rows.unsqueeze(-1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mlgate.cli import main
-from mlgate.clip import load_backbone
+from mlgate.clip import load_backbone, stock_blocks
 from mlgate.methods import build_method
 from mlgate.methods.adapt import AdaptConfig, PruningSchedule
 from mlgate.spec import StudySpec
@@ -48,6 +48,12 @@ def test_masked_kv_prompts_equal_attention_without_those_tokens(clip):
                                clip.encode_text_kv(x, eot, [p[a.bool()] for p, a in zip(text_prompts, active)]),
                                atol=1e-5, rtol=1e-5)
     assert clip.encode_text_kv(x, eot, []).shape == (2, clip.model.text_projection.shape[1])
+    # open_clip's own blocks (the bench's reference) take the same masks: the same features.
+    with stock_blocks():
+        torch.testing.assert_close(clip.encode_image_kv(images, prompts, active), masked, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(clip.encode_text_kv(x, eot, text_prompts, active),
+                                   clip.encode_text_kv(x, eot, [p[a.bool()] for p, a in zip(text_prompts, active)]),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_snip_grad_norm_and_l2_scores_by_hand(clip):
