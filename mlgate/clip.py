@@ -110,7 +110,8 @@ class PromptedCLIP(nn.Module):
         return self._chunked(self._encode_text, x, eot_index, lambda part: (
             n_prompt, [d[part] if d is not None and d.dim() == 3 else d for d in deep]))
 
-    def encode_text_shared_prefix(self, shared: torch.Tensor, own: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+    def encode_text_shared_prefix(self, shared: torch.Tensor, own: torch.Tensor,
+                                  eot_index: torch.Tensor) -> torch.Tensor:
         """Text features (G × N, E) of G groups of N prompts: prompt (g, n) is ``shared[g]`` (S
         embeddings the group's prompts all open with: SOS and a context) followed by ``own[n]``
         (prompt n's own L − S embeddings: class name, '.', EOT, frozen). ``eot_index`` (N,) is each
@@ -616,7 +617,8 @@ def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def _row_mask(mask: torch.Tensor | None, causal: bool, rows: torch.Tensor, length: int, keys: int,
               dtype: torch.dtype) -> torch.Tensor | None:
     # The additive mask of the kept query rows ((N, R) or (N,)), (N, 1, R, keys): the rows of an
-    # (L, keys) mask (a (1, keys) one applies to every row as it is), or the causal rule (a row sees positions up to its own) over the last ``length`` keys.
+    # (L, keys) mask (a (1, keys) one applies to every row as it is), or the causal rule (a row sees
+    # positions up to its own) over the last ``length`` keys.
     rows = rows if rows.dim() == 2 else rows.unsqueeze(1)
     if mask is not None:
         return mask if mask.shape[0] == 1 else mask[rows].unsqueeze(1)  # (1, keys): one row for all queries

@@ -5,10 +5,10 @@ timed in alternating blocks (on a shared VM, two processes, even back to back, d
         [--batch 32] [--steps 300] [--rounds 10] [--device cpu]
 
 The base revision's ``mlgate`` package is exported with ``git archive`` and imported as ``mlgate_base``.
-Both sides train the same method (the spec's defaults) on the same random-init backbone and inputs;
-the medians of the timed blocks, their ratio and the median of each round's ratio are printed, and, as a measure that does not
-depend on the machine's load, the ATen ops each side dispatches per step (outermost calls only: what
-Python and autograd ask for, each a kernel launch or more on a GPU).
+Both sides train the same method (the spec's defaults) on the same random-init backbone and inputs.
+Printed: the medians of the timed blocks, their ratio and the median of each round's ratio, and, as a
+measure that does not depend on the machine's load, the ATen ops each side dispatches per step
+(outermost calls only: what Python and autograd ask for, each a kernel launch or more on a GPU).
 """
 
 from __future__ import annotations
