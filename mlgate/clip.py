@@ -324,15 +324,15 @@ class PromptedCLIP(nn.Module):
     def _kv_mask(base: torch.Tensor | None, length: int, n_prompt: int, active: torch.Tensor | None,
                  device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         # Additive mask over [the P prompt tokens, the L positions]: a masked prompt token is -inf for
-        # every query (no part in attention). With a base (the text tower's causal (L, L)), (L, P + L);
-        # without, one row all queries share, (1, P + L), or None when every token takes part (three
-        # kernels a layer fewer than building the full (L, P + L) mask, at every layer and step).
+        # every query (no part in attention): (L, P + L), or None when every token takes part and there
+        # is no base. Without a base (the image tower) it is one row, built once and expanded to every
+        # query (three kernels a layer fewer than building the full mask, at every layer and step).
         if n_prompt == 0 or (active is None and base is None):
             return base
         if base is None:
-            mask = torch.zeros(1, n_prompt + length, device=device, dtype=dtype)
-            mask[:, :n_prompt].masked_fill_(active == 0, float("-inf"))
-            return mask
+            row = torch.zeros(1, n_prompt + length, device=device, dtype=dtype)
+            row[:, :n_prompt].masked_fill_(active == 0, float("-inf"))
+            return row.expand(length, -1)
         prompt_cols = torch.zeros(1, n_prompt, device=device, dtype=dtype)
         if active is not None:
             prompt_cols.masked_fill_(active == 0, float("-inf"))
@@ -481,8 +481,6 @@ def run_block(block: nn.Module, x: torch.Tensor, causal: bool = False, kv_prefix
     of the last block's work.
     """
     if not _lean(block):
-        if mask is not None and mask.shape[0] == 1:  # a row all queries share: nn.MultiheadAttention wants (L, S)
-            mask = mask.expand(x.shape[1], -1)
         if kv_prefix is None:
             x = block(x, attn_mask=mask if mask is not None else (_causal(x) if causal else None))
         else:
@@ -617,11 +615,10 @@ def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def _row_mask(mask: torch.Tensor | None, causal: bool, rows: torch.Tensor, length: int, keys: int,
               dtype: torch.dtype) -> torch.Tensor | None:
     # The additive mask of the kept query rows ((N, R) or (N,)), (N, 1, R, keys): the rows of an
-    # (L, keys) mask (a (1, keys) one applies to every row as it is), or the causal rule (a row sees
-    # positions up to its own) over the last ``length`` keys.
+    # (L, keys) mask, or the causal rule (a row sees positions up to its own) over the last ``length`` keys.
     rows = rows if rows.dim() == 2 else rows.unsqueeze(1)
     if mask is not None:
-        return mask if mask.shape[0] == 1 else mask[rows].unsqueeze(1)  # (1, keys): one row for all queries
+        return mask[rows].unsqueeze(1)
     if not causal:
         return None
     later = torch.arange(length, device=rows.device) > rows.unsqueeze(-1)
