@@ -44,13 +44,15 @@ def export_base(revision: str, into: Path) -> str:
 
 
 def step_of(package: str, args: argparse.Namespace) -> Callable[[], None]:
-    """A closure running one optimization step of ``package``'s method, warmed up."""
+    """A closure running one optimization step of ``package``'s method (``args``: method, backbone,
+    classes, batch, device, and optionally compile), warmed up (and compiled)."""
     def module(name: str):
         return importlib.import_module(f"{package}.{name}")
 
     training = module("training")
     device = training.resolve_device(args.device)
-    cfg, train_cfg = module("describe").method_config(args.method, []), module("spec").TrainSpec()
+    cfg = module("describe").method_config(args.method, [])
+    train_cfg = module("spec").TrainSpec(compile=getattr(args, "compile", False))
     clip = module("clip").load_backbone(args.backbone, None, device)
     torch.manual_seed(0)
     method = module("methods").build_method(cfg, clip, [f"class {i}" for i in range(args.classes)]).to(device)
@@ -62,8 +64,10 @@ def step_of(package: str, args: argparse.Namespace) -> Callable[[], None]:
     labels = torch.randint(0, args.classes, (args.batch,), device=device)
     ids = torch.arange(args.classes, device=device)
 
-    def step() -> None:
-        training.optimization_step(method, optimizer, groups, train_cfg, inputs, labels, ids, 5, 100)
+    counter = iter(range(1, 10**9))
+
+    def step() -> None:  # steps numbered on, as in training (schedules, ADAPT's pruning steps)
+        training.optimization_step(method, optimizer, groups, train_cfg, inputs, labels, ids, next(counter), 10_000)
 
     for _ in range(5):
         step()

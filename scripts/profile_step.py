@@ -13,11 +13,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mlgate.clip import load_backbone
-from mlgate.describe import method_config
-from mlgate.methods import build_method
-from mlgate.spec import TrainSpec
-from mlgate.training import build_optimizer, optimization_step, resolve_device
+from ab_step import step_of  # (this folder is on sys.path when the script runs)
+
+from mlgate.training import resolve_device
 
 
 def main() -> None:
@@ -34,32 +32,21 @@ def main() -> None:
     args = parser.parse_args()
 
     dev = resolve_device(args.device)
-    cfg, train_cfg = method_config(args.method, []), TrainSpec(compile=args.compile)
-    clip = load_backbone(args.backbone, None, dev)
-    torch.manual_seed(0)
-    method = build_method(cfg, clip, [f"class {i}" for i in range(args.classes)]).to(dev)
-    optimizer, groups = build_optimizer(method, train_cfg), method.param_groups()
-    size = clip.image_norm.size
-    images = torch.randn(args.batch, 3, size, size, device=dev)
-    inputs = images if method.prompts_vision else clip.encode_image(images).float().detach()
-    labels = torch.randint(0, args.classes, (args.batch,), device=dev)
-    ids = torch.arange(args.classes, device=dev)
-    total = 2 * args.steps + 5
+    step = step_of("mlgate", args)  # warmed up (and compiled)
 
-    def steps(first: int, n: int) -> float:
+    def steps(n: int) -> float:
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
-        for i in range(first, first + n):
-            optimization_step(method, optimizer, groups, train_cfg, inputs, labels, ids, i, total)
+        for _ in range(n):
+            step()
         sync()
         return (time.perf_counter() - start) / n
 
-    steps(1, 5)  # warm-up (and compilation)
-    wall = steps(6, args.steps)
+    wall = steps(args.steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        steps(6 + args.steps, args.steps)
+        steps(args.steps)
     events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events) / args.steps
     kernels = sum(e.count for e in events if e.self_device_time_total > 0) / args.steps
