@@ -90,9 +90,16 @@ def build_optimizer(method: PromptMethod, cfg: TrainSpec) -> torch.optim.Optimiz
         groups.append({"params": params, "name": name, "lr_mult": mult, "lr": cfg.optimizer.lr * mult})
     opt = cfg.optimizer
     if opt.name == "adamw":
-        return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-    return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0,
-                           weight_decay=opt.weight_decay)
+        make = functools.partial(torch.optim.AdamW, groups, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    else:
+        make = functools.partial(torch.optim.SGD, groups, lr=opt.lr, momentum=opt.momentum,
+                                 nesterov=opt.nesterov and opt.momentum > 0, weight_decay=opt.weight_decay)
+    try:
+        # One kernel per step for all parameters (instead of a few per parameter and group), where this
+        # torch has it for the device: a prompt learner's step is short enough for that to show.
+        return make(fused=True)
+    except (TypeError, RuntimeError):  # an older torch, or a device without fused kernels
+        return make()
 
 
 def check_optimizer_covers(method: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -108,6 +108,33 @@ def test_gate_lr_multiplier_scales_the_gate_update(clip):
     torch.testing.assert_close(deltas[100.0] / deltas[1.0], torch.tensor(100.0), rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("optimizer", [{"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+                                       {"name": "adamw", "weight_decay": 0.01}])
+def test_fused_optimizer_steps_as_the_per_parameter_loop(clip, optimizer):
+    # build_optimizer takes torch's fused kernels where it has them; the trajectory must be the one the
+    # per-parameter loop gives, gate LR multiplier and a frozen (gradient-less) group included.
+    spec = TrainSpec.model_validate({"gate_lr_mult": 10.0, "optimizer": {"lr": 0.05, **optimizer}})
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        method = build_method(CoOpConfig(n_ctx=4), clip, CLASSES)
+        opt = build_optimizer(method, spec)
+        if fused:
+            assert all(group.get("fused") for group in opt.param_groups), "fused kernels exist for the CPU"
+        for group in opt.param_groups:
+            group["fused"], group["foreach"] = fused, False
+        for step in range(4):
+            features = torch.randn(4, clip.model.visual.output_dim, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(method(features, torch.arange(6)), torch.tensor([0, 1, 2, 3])).backward()
+            if step == 1:
+                method.gates.grad = None  # a phase that freezes the gates
+            opt.step()
+        runs[fused] = [p.detach().clone() for p in method.parameters() if p.requires_grad]
+    for fused_param, loop_param in zip(runs[True], runs[False]):
+        torch.testing.assert_close(fused_param, loop_param, rtol=1e-4, atol=1e-5)  # Adam divides by tiny roots
+
+
 # --------------------------------------------------------------------------------------------------
 # Every method of the gating paper on the shared prompted forward.
 
