@@ -155,12 +155,17 @@ class PromptedCLIP(nn.Module):
         # are added before packing (CLIP's are absolute, added once), so every token keeps its own.
         # The own tokens are frozen: positioned and packed without autograd, the same for every group.
         shared, cast = self._text_input(shared)
-        own, _ = self._text_input(own, start=shared.shape[1])
         (groups, n_shared, width), (n, n_own) = shared.shape, own.shape[:2]
-        packed = torch.cat([shared, own.reshape(1, n * n_own, width).expand(groups, -1, -1)], 1)
+
+        def pack_own() -> tuple[torch.Tensor, torch.Tensor]:  # frozen: kept from step to step
+            positioned, _ = self._text_input(own, start=n_shared)
+            return positioned.reshape(1, n * n_own, width), eot_index + n_own * torch.arange(n, device=own.device)
+
+        own_packed, eot = kept(self, "_packed_own", (own, eot_index, self.text.positional_embedding), pack_own)
+        packed = torch.cat([shared, own_packed.expand(groups, -1, -1)], 1)
         # The mask in the dtype attention will see (autocast's), so no layer casts it.
         mask = self._packed_mask(n, n_own, n_shared, shared.device, _autocast_dtype(shared.device.type) or cast)
-        eot = (eot_index + n_own * torch.arange(n, device=shared.device)).expand(groups, -1)  # packed EOTs
+        eot = eot.expand(groups, -1)  # each prompt's EOT row in its group's packed sequence
         # Groups per chunk: about as many prompts as a chunk of the plain pass.
         return self._chunked(self._packed_blocks, packed, eot, lambda part: (mask,),
                              chunk=max(1, self.text_chunk // n))
@@ -554,7 +559,7 @@ def _quick_gelu_folded(block: nn.Module) -> tuple[torch.Tensor | None, ...] | No
             and ln.bias is not None and mlp.c_fc.bias is not None):
         return None
     sources = (ln.weight, ln.bias, mlp.c_fc.bias, mlp.c_proj.bias)
-    return _kept(block, "_mlgate_quick_gelu", sources, lambda: tuple(p * _QUICK_GELU for p in sources))
+    return kept(block, "_mlgate_quick_gelu", sources, lambda: tuple(p * _QUICK_GELU for p in sources))
 
 
 def _frozen_operands(block: nn.Module, part: str, tensors: tuple[torch.Tensor, ...],
@@ -566,7 +571,7 @@ def _frozen_operands(block: nn.Module, part: str, tensors: tuple[torch.Tensor, .
     dtype = _autocast_dtype(x.device.type)
     if dtype is None or any(t is None for t in tensors) or all(t.dtype == dtype for t in tensors):
         return tensors
-    return _kept(block, f"_mlgate_{part}_{dtype}", tensors, lambda: tuple(t.to(dtype) for t in tensors))
+    return kept(block, f"_mlgate_{part}_{dtype}", tensors, lambda: tuple(t.to(dtype) for t in tensors))
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -578,19 +583,20 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if enabled else None
 
 
-def _kept(block: nn.Module, slot: str, sources: tuple[torch.Tensor, ...],
-          make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    # make()'s tensors, derived from the block's frozen ``sources``, kept on the block between steps
-    # and made again when a source is replaced or changed in place (keyed on storage and version);
-    # made afresh while compiling (inductor folds them into its kernels) or if a source learns.
-    if torch.compiler.is_compiling() or any(p.requires_grad for p in sources):
+def kept(owner: object, slot: str, sources: tuple[torch.Tensor, ...],
+         make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """``make()``'s tensors, derived from the frozen ``sources`` alone, kept on ``owner`` between steps
+    and made again when a source is another tensor or was changed in place (keyed on memory, shape
+    and version; the sources are held with them, so their memory is not reused by another tensor).
+    Made afresh while compiling (inductor folds them into its kernels) or when a source learns."""
+    if torch.compiler.is_compiling() or any(t.requires_grad for t in sources):
         return make()
-    key = tuple((p.data_ptr(), p._version) for p in sources)
-    cached = block.__dict__.get(slot)
+    key = tuple((t.data_ptr(), t._version, t.shape, t.stride()) for t in sources)
+    cached = owner.__dict__.get(slot)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = block.__dict__[slot] = (key, make())
-    return cached[1]
+            cached = owner.__dict__[slot] = (key, sources, make())
+    return cached[2]
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

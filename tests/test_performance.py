@@ -365,6 +365,32 @@ def test_a_shared_prefix_is_encoded_once_with_the_same_features_and_gradients(mo
     assert taken and logits.shape == (4, len(names))
 
 
+def test_kept_class_tokens_follow_the_class_ids():
+    # CoOp keeps its prompts' frozen parts (each class's tokens, positioned and packed, and the EOT
+    # rows) from step to step, keyed on the class-id tensor: another tensor, the same one changed in
+    # place, or a view of it must give the features of a fresh, unkept pass.
+    from mlgate.describe import method_config
+    from mlgate.methods import build_method
+
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    names = [f"class number {i}" if i % 2 else f"c{i}" for i in range(6)]
+    torch.manual_seed(0)
+    coop = build_method(method_config("coop", ["method.ctx_init=null"]), clip, names)
+
+    def fresh(ids):  # the prompts assembled whole, through the plain pass (nothing kept)
+        return torch.nn.functional.normalize(clip.encode_text_embeddings(*coop.tokens.assemble(coop.context(), ids)), dim=-1)
+
+    ids = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        first = coop.text_features(ids)
+        torch.testing.assert_close(first, fresh(ids), atol=1e-5, rtol=1e-4)
+        assert coop.text_features(ids).equal(first)  # kept: the same features again
+        ids[:] = torch.tensor([5, 4, 3, 2])  # changed in place
+        torch.testing.assert_close(coop.text_features(ids), fresh(ids), atol=1e-5, rtol=1e-4)
+        for other in (ids[1:], torch.tensor([1, 0, 5]), torch.tensor([0, 1, 2, 3])):
+            torch.testing.assert_close(coop.text_features(other), fresh(other), atol=1e-5, rtol=1e-4)
+
+
 def test_the_packed_mask_reaches_attention_as_it_is_kept(monkeypatch):
     # The packed CoOp mask is built once, in the dtype attention sees (autocast's bf16 here, as on a
     # GPU) and with rows 16 elements apart (what CUDA's memory-efficient attention takes without

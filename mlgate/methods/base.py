@@ -16,6 +16,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from mlgate.clip import kept
+
 
 class StrictModel(BaseModel):
     """Pydantic base for every spec section: unknown keys are errors, not silently ignored."""
@@ -205,7 +207,11 @@ class ClassTokens(nn.Module):
         EOT positions (C,)."""
         ctx = ctx.unsqueeze(0) if ctx.dim() == 2 else ctx
         sos = self.prefix[:1].expand(ctx.shape[0], -1, -1)  # every class prompt opens with the same SOS
-        return torch.cat([sos, ctx.to(sos.dtype)], 1), self.suffix[class_ids], self.eot[class_ids]
+        # The frozen parts are kept from step to step (the same object each time: what is derived from
+        # them downstream is kept too).
+        own, eot = kept(self, "_own", (class_ids, self.suffix, self.eot),
+                        lambda: (self.suffix[class_ids], self.eot[class_ids]))
+        return torch.cat([sos, ctx.to(sos.dtype)], 1), own, eot
 
     def assemble_positioned(self, ctx: torch.Tensor, class_ids: torch.Tensor, position: str
                             ) -> tuple[torch.Tensor, torch.Tensor]:
