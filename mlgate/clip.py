@@ -529,34 +529,41 @@ _QUICK_GELU = 1.702  # QuickGELU(a) = a · sigmoid(1.702 a) = SiLU(1.702 a) / 1.
 
 
 def _mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # x + mlp(ln_2(x)). With QuickGELU (OpenAI CLIP's activation), its three elementwise passes over
-    # the 4x-wide hidden state (and four more in the backward) become one SiLU: the 1.702 moves into
-    # the LayerNorm's affine and the biases (small vectors, frozen), the 1/1.702 into the residual add.
+    # x + mlp(ln_2(x)) for open_clip's MLP (c_fc, activation, c_proj), with its frozen matrices as
+    # _frozen_operands keeps them. With QuickGELU (OpenAI CLIP's activation), its three elementwise
+    # passes over the 4x-wide hidden state (and four more in the backward) become one SiLU: the 1.702
+    # moves into the LayerNorm's affine and the biases (small vectors, frozen), the 1/1.702 into the
+    # residual add. Other activations (GELU: open_clip's LAION models) run as they are.
+    mlp = block.mlp
+    if not (list(mlp._modules) == ["c_fc", "gelu", "c_proj"] and isinstance(block.ls_2, nn.Identity)):
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
     folded = _quick_gelu_folded(block)
     if folded is None:
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
-    ln_weight, ln_bias, fc_bias, proj_bias = folded
-    mlp = block.mlp
+        h, activation, scale = block.ln_2(x), mlp.gelu, 1.0
+        fc_bias, proj_bias = mlp.c_fc.bias, mlp.c_proj.bias
+    else:
+        ln_weight, ln_bias, fc_bias, proj_bias = folded
+        h = F.layer_norm(x, block.ln_2.normalized_shape, ln_weight, ln_bias, block.ln_2.eps)
+        activation, scale = F.silu, 1 / _QUICK_GELU
     fc_weight, fc_bias, proj_weight, proj_bias = _frozen_operands(
         block, "mlp", (mlp.c_fc.weight, fc_bias, mlp.c_proj.weight, proj_bias), x)
-    h = F.layer_norm(x, block.ln_2.normalized_shape, ln_weight, ln_bias, block.ln_2.eps)
     if h.dtype != x.dtype:  # a half-precision tower under autocast, whose layer norm gives float32
         h = h.to(x.dtype)
-    h = F.silu(F.linear(h, fc_weight, fc_bias))
-    return torch.add(x, F.linear(h, proj_weight, proj_bias), alpha=1 / _QUICK_GELU)
+    h = activation(F.linear(h, fc_weight, fc_bias))
+    return torch.add(x, F.linear(h, proj_weight, proj_bias), alpha=scale)
 
 
 def _quick_gelu_folded(block: nn.Module) -> tuple[torch.Tensor | None, ...] | None:
-    # ln_2's weight and bias and the MLP's biases, × 1.702, or None for an MLP of another shape. Kept
-    # on the block between steps (recomputed when a weight is replaced or changed in place), so a step
-    # runs no kernels for them; computed afresh while compiling (inductor folds them into its kernels)
-    # or if they learn. (Not c_proj's weight / 1.702 instead of the scaled add: a copy of every
-    # block's largest matrix, 160 MB for ViT-B/16, to save one elementwise pass in the backward.)
+    # ln_2's weight and bias and the MLP's biases, × 1.702, or None for another activation or norm, or
+    # a missing bias (the MLP's shape is _mlp_residual's to check). Kept on the block between steps
+    # (recomputed when a weight is replaced or changed in place), so a step runs no kernels for them;
+    # computed afresh while compiling (inductor folds them into its kernels) or if they learn. (Not
+    # c_proj's weight / 1.702 instead of the scaled add: a copy of every block's largest matrix,
+    # 160 MB for ViT-B/16, to save one elementwise pass in the backward.)
     mlp, ln = block.mlp, block.ln_2
-    if not (type(ln) in (nn.LayerNorm, open_clip.transformer.LayerNorm) and isinstance(block.ls_2, nn.Identity)
-            and list(mlp._modules) == ["c_fc", "gelu", "c_proj"]
+    if not (type(ln) in (nn.LayerNorm, open_clip.transformer.LayerNorm)
             and type(mlp.gelu) is open_clip.transformer.QuickGELU and ln.weight is not None
-            and ln.bias is not None and mlp.c_fc.bias is not None):
+            and ln.bias is not None and mlp.c_fc.bias is not None and mlp.c_proj.bias is not None):
         return None
     sources = (ln.weight, ln.bias, mlp.c_fc.bias, mlp.c_proj.bias)
     return kept(block, "_mlgate_quick_gelu", sources, lambda: tuple(p * _QUICK_GELU for p in sources))

@@ -251,7 +251,8 @@ def test_quick_gelu_runs_as_one_silu_with_open_clips_values():
                                gelu(y, attn_mask=torch.full((5, 5), float("-inf")).triu(1)), atol=1e-5, rtol=1e-4)
 
 
-def test_under_autocast_a_blocks_frozen_weights_are_cast_once(monkeypatch):
+@pytest.mark.parametrize("backbone", ["mlgate-tiny", "ViT-B-16"])  # QuickGELU (folded), and GELU
+def test_under_autocast_a_blocks_frozen_weights_are_cast_once(monkeypatch, backbone):
     # Autocast recasts every fp32 weight at each use: a block's eight frozen matrices and biases kept
     # in bf16 between steps leave only the activations' casts, with the same values and gradients.
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -269,8 +270,8 @@ def test_under_autocast_a_blocks_frozen_weights_are_cast_once(monkeypatch):
                 self.shapes.append(tuple(args[0].shape))
             return func(*args, **(kwargs or {}))
 
-    block = load_backbone("mlgate-tiny", "mlgate").text.transformer.resblocks[0]
-    x = torch.randn(4, 7, 128)
+    block = load_backbone(backbone, "mlgate" if backbone == "mlgate-tiny" else None).text.transformer.resblocks[0]
+    x = torch.randn(4, 7, block.attn.embed_dim)
 
     def forward_and_backward():
         y = x.clone().requires_grad_()
