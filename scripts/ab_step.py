@@ -2,13 +2,15 @@
 timed in alternating blocks (on a shared VM, two processes, even back to back, differ by up to ±10%).
 
     python scripts/ab_step.py --base HEAD~1 --method coop [--backbone mlgate-tiny] [--classes 10] \
-        [--batch 32] [--steps 300] [--rounds 10] [--device cpu]
+        [--batch 32] [--steps 300] [--rounds 10] [--device cpu] [--precision bf16]
 
 The base revision's ``mlgate`` package is exported with ``git archive`` and imported as ``mlgate_base``.
 Both sides train the same method (the spec's defaults) on the same random-init backbone and inputs.
-Printed: the medians of the timed blocks, their ratio and the median of each round's ratio, and, as a
-measure that does not depend on the machine's load, the ATen ops each side dispatches per step
-(outermost calls only: what Python and autograd ask for, each a kernel launch or more on a GPU).
+Printed: the medians of the timed blocks, their ratio and the median of each round's ratio, and, as
+measures that do not depend on the machine's load, the ATen ops each side dispatches per step
+(outermost calls only: what Python and autograd ask for) and the ops among all dispatched that
+compute (below autograd and autocast, views left out: about one kernel each on a GPU; with
+``--precision bf16`` on a CPU, a GPU step's autocast casts are counted too).
 """
 
 from __future__ import annotations
@@ -45,14 +47,15 @@ def export_base(revision: str, into: Path) -> str:
 
 def step_of(package: str, args: argparse.Namespace) -> Callable[[], None]:
     """A closure running one optimization step of ``package``'s method (``args``: method, backbone,
-    classes, batch, device, and optionally compile), warmed up (and compiled)."""
+    classes, batch, device, and optionally compile and precision), warmed up (and compiled)."""
     def module(name: str):
         return importlib.import_module(f"{package}.{name}")
 
     training = module("training")
     device = training.resolve_device(args.device)
     cfg = module("describe").method_config(args.method, [])
-    train_cfg = module("spec").TrainSpec(compile=getattr(args, "compile", False))
+    train_cfg = module("spec").TrainSpec(compile=getattr(args, "compile", False),
+                                         precision=getattr(args, "precision", "auto"))
     clip = module("clip").load_backbone(args.backbone, None, device)
     torch.manual_seed(0)
     method = module("methods").build_method(cfg, clip, [f"class {i}" for i in range(args.classes)]).to(device)
@@ -74,16 +77,29 @@ def step_of(package: str, args: argparse.Namespace) -> Callable[[], None]:
     return step
 
 
-def ops_per_step(step: Callable[[], None], steps: int = 5) -> int:
-    """ATen ops dispatched per step, counting only calls not made from inside another ATen op."""
+def ops_per_step(step: Callable[[], None], steps: int = 5) -> tuple[int, int]:
+    """Per step: the ATen ops dispatched, counting only calls not made from inside another ATen op
+    (what Python and autograd ask for), and the ops that compute, as the kernels see them: below
+    autograd and autocast (its casts included), views left out, each about one kernel on a GPU."""
     from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Computing(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += not func.is_view
+            return func(*args, **(kwargs or {}))
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
     outermost = [e for e in prof.events() if e.name.startswith("aten::")
                  and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
-    return round(len(outermost) / steps)
+    with Computing() as computing:  # (the CPU runs the backward in this thread, where the mode is on)
+        for _ in range(steps):
+            step()
+    return round(len(outermost) / steps), round(computing.count / steps)
 
 
 def main() -> None:
@@ -96,6 +112,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="steps per timed block")
     parser.add_argument("--rounds", type=int, default=10, help="timed blocks per side")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="train.precision (bf16 on a CPU: the autocast path a GPU takes, for its op count)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -115,7 +133,7 @@ def main() -> None:
         ops = {name: ops_per_step(step) for name, step in sides.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
-        print(f"{name:5s} {median[name]:8.3f} ms/step, {ops[name]} ATen ops/step "
+        print(f"{name:5s} {median[name]:8.3f} ms/step, {ops[name][0]} ATen ops/step, {ops[name][1]} computing "
               f"(median; blocks: {' '.join(f'{x:.2f}' for x in t)})")
     # Each round's two blocks ran back to back: the median of their ratios cancels the machine's drift.
     paired = statistics.median(t / b for t, b in zip(times["this"], times["base"]))
