@@ -257,7 +257,7 @@ class PromptedCLIP(nn.Module):
         proj = self.text.text_projection
         if proj is None:
             return x
-        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return proj(x) if isinstance(proj, nn.Linear) else x @ _frozen_operands(self.text, "proj", (proj,), x)[0]
 
     def _causal_mask(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         base = self.text.attn_mask
@@ -313,7 +313,7 @@ class PromptedCLIP(nn.Module):
         # Pooling (on CLS) and projection into the joint space.
         visual = self.model.visual
         pooled, _ = visual._pool(x)
-        return pooled @ visual.proj if visual.proj is not None else pooled
+        return pooled @ _frozen_operands(visual, "proj", (visual.proj,), x)[0] if visual.proj is not None else pooled
 
     # ---- ADAPT-style prompts: extra keys and values only -------------------------------------------
 
@@ -571,10 +571,10 @@ def _quick_gelu_folded(block: nn.Module) -> tuple[torch.Tensor | None, ...] | No
 
 def _frozen_operands(block: nn.Module, part: str, tensors: tuple[torch.Tensor, ...],
                      x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    # A block's frozen matrices and biases as its matmuls take them: under autocast, copies in the
-    # autocast dtype kept on the block, for autocast recasts a weight at every use unless it learns
-    # (a sixth of an eager CoOp step's ops on a GPU: ViT-B/16 copies are 75 MB for the text tower,
-    # 170 MB for the image tower, in bf16). Outside autocast, the tensors themselves.
+    # A block's (or a tower's projection's) frozen matrices and biases as its matmuls take them: under
+    # autocast, copies in the autocast dtype kept on the module, for autocast recasts a weight at every
+    # use unless it learns (a sixth of an eager CoOp step's ops on a GPU: ViT-B/16 copies are 75 MB for
+    # the text tower, 170 MB for the image tower, in bf16). Outside autocast, the tensors themselves.
     dtype = _autocast_dtype(x.device.type)
     if dtype is None or any(t is None for t in tensors) or all(t.dtype == dtype for t in tensors):
         return tensors

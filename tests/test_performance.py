@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlgate.cli import main
 from mlgate.clip import load_backbone, stock_blocks
@@ -251,31 +252,32 @@ def test_quick_gelu_runs_as_one_silu_with_open_clips_values():
                                gelu(y, attn_mask=torch.full((5, 5), float("-inf")).triu(1)), atol=1e-5, rtol=1e-4)
 
 
+class _Casts(TorchDispatchMode):
+    """The shapes of the tensors cast (``_to_copy``) while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "_to_copy":
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("backbone", ["mlgate-tiny", "ViT-B-16"])  # QuickGELU (folded), and GELU
 def test_under_autocast_a_blocks_frozen_weights_are_cast_once(monkeypatch, backbone):
     # Autocast recasts every fp32 weight at each use: a block's eight frozen matrices and biases kept
     # in bf16 between steps leave only the activations' casts, with the same values and gradients.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import mlgate.clip
     from mlgate.clip import run_block
-
-    class Casts(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ == "_to_copy":
-                self.shapes.append(tuple(args[0].shape))
-            return func(*args, **(kwargs or {}))
 
     block = load_backbone(backbone, "mlgate" if backbone == "mlgate-tiny" else None).text.transformer.resblocks[0]
     x = torch.randn(4, 7, block.attn.embed_dim)
 
     def forward_and_backward():
         y = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16), Casts() as casts:
+        with torch.autocast("cpu", dtype=torch.bfloat16), _Casts() as casts:
             out = run_block(block, y, causal=True)
             out.float().square().sum().backward()
         return out, y.grad, casts.shapes
@@ -288,6 +290,17 @@ def test_under_autocast_a_blocks_frozen_weights_are_cast_once(monkeypatch, backb
     weights = {tuple(p.shape) for p in block.parameters() if p.dim() == 2}
     assert weights <= set(recast) and not weights & set(kept)
     assert len(recast) - len(kept) == 8  # in_proj, out_proj, c_fc, c_proj: weights and biases
+
+
+def test_under_autocast_the_towers_projections_are_cast_once():
+    # The towers' output projections are frozen matrices too: kept in bf16, not recast every step.
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    pooled = torch.randn(3, 1, clip.text_width), torch.randn(3, 5, clip.vision_width)
+    projections = {tuple(clip.text.text_projection.shape), tuple(clip.model.visual.proj.shape)}
+    for step in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16), _Casts() as casts:
+            clip._text_output(pooled[0]), clip._image_output(pooled[1])
+        assert (projections <= set(casts.shapes)) if step == 0 else not projections & set(casts.shapes)
 
 
 def test_the_last_block_on_the_pooled_row_alone_changes_nothing():
