@@ -206,27 +206,30 @@ def test_lean_blocks_match_open_clips_own_forward():
     assert g_ours[:, 1].abs().max() == 0  # the masked token takes no part
 
 
+class _Dispatched(TorchDispatchMode):
+    """What ran while the mode was on: every op's name, and the shapes of the tensors cast."""
+
+    def __init__(self):
+        super().__init__()
+        self.names, self.cast_shapes = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        if self.names[-1] == "_to_copy":
+            self.cast_shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
 def test_quick_gelu_runs_as_one_silu_with_open_clips_values():
     # OpenAI CLIP's QuickGELU is three elementwise passes over the MLP's wide hidden state; run_block
     # folds its 1.702 into the frozen LayerNorm and biases and runs one SiLU, same values and gradients.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from mlgate.clip import run_block
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     clip = load_backbone("mlgate-tiny", "mlgate")
     block = clip.text.transformer.resblocks[0]
     assert type(block.mlp.gelu).__name__ == "QuickGELU"
     x = torch.randn(4, 7, 128, requires_grad=True)
-    with Ops() as ops:
+    with _Dispatched() as ops:
         ours = run_block(block, x, causal=True)
         ours.square().sum().backward()
     assert "silu" in ops.names and "sigmoid" not in ops.names
@@ -236,7 +239,7 @@ def test_quick_gelu_runs_as_one_silu_with_open_clips_values():
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours_grad, x.grad, atol=1e-4, rtol=1e-4)
     # The folded weights are kept between calls: a forward then scales nothing...
-    with Ops() as ops, torch.no_grad():
+    with _Dispatched() as ops, torch.no_grad():
         run_block(block, x, causal=True)
     assert "silu" in ops.names and not {"mul", "div"} & set(ops.names)
     # ...and follow the block's weights when they change in place.
@@ -252,19 +255,6 @@ def test_quick_gelu_runs_as_one_silu_with_open_clips_values():
                                gelu(y, attn_mask=torch.full((5, 5), float("-inf")).triu(1)), atol=1e-5, rtol=1e-4)
 
 
-class _Casts(TorchDispatchMode):
-    """The shapes of the tensors cast (``_to_copy``) while the mode is on."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ == "_to_copy":
-            self.shapes.append(tuple(args[0].shape))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backbone", ["mlgate-tiny", "ViT-B-16"])  # QuickGELU (folded), and GELU
 def test_under_autocast_a_blocks_frozen_weights_are_cast_once(monkeypatch, backbone):
     # Autocast recasts every fp32 weight at each use: a block's eight frozen matrices and biases kept
@@ -277,10 +267,10 @@ def test_under_autocast_a_blocks_frozen_weights_are_cast_once(monkeypatch, backb
 
     def forward_and_backward():
         y = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16), _Casts() as casts:
+        with torch.autocast("cpu", dtype=torch.bfloat16), _Dispatched() as casts:
             out = run_block(block, y, causal=True)
             out.float().square().sum().backward()
-        return out, y.grad, casts.shapes
+        return out, y.grad, casts.cast_shapes
 
     forward_and_backward()  # the first call makes the bf16 copies
     out, grad, kept = forward_and_backward()
@@ -298,9 +288,9 @@ def test_under_autocast_the_towers_projections_are_cast_once():
     pooled = torch.randn(3, 1, clip.text_width), torch.randn(3, 5, clip.vision_width)
     projections = {tuple(clip.text.text_projection.shape), tuple(clip.model.visual.proj.shape)}
     for step in range(2):
-        with torch.autocast("cpu", dtype=torch.bfloat16), _Casts() as casts:
+        with torch.autocast("cpu", dtype=torch.bfloat16), _Dispatched() as casts:
             clip._text_output(pooled[0]), clip._image_output(pooled[1])
-        assert (projections <= set(casts.shapes)) if step == 0 else not projections & set(casts.shapes)
+        assert (projections <= set(casts.cast_shapes)) if step == 0 else not projections & set(casts.cast_shapes)
 
 
 def test_the_last_block_on_the_pooled_row_alone_changes_nothing():
