@@ -126,7 +126,7 @@ class PromptedCLIP(nn.Module):
         blocks = self.text.transformer.resblocks
         groups, n_shared = shared.shape[:2]
         n, n_own = own.shape[:2]
-        if n < 2 or not all(_lean(b) for b in blocks):
+        if n < 2 or not all([_lean(b) for b in blocks]):
             return self._encode_assembled(shared, own, eot_index)
         if n_shared + n * n_own <= self.packed_max_rows:
             return self._encode_packed(shared, own, eot_index)
@@ -181,18 +181,26 @@ class PromptedCLIP(nn.Module):
         # The additive (T, T) mask of _encode_packed, built once per shape (a trial asks for one). Its rows
         # are laid out 16 elements apart: CUDA's memory-efficient attention takes such a mask as it is,
         # and pads (copies) any other at every call.
-        key = (n, own, n_shared, device, dtype)
-        # Created here, not in __init__: a dict attribute set there makes torch.compile guard on its
-        # contents and compile the step a second time once the mask is in it.
-        masks = self.__dict__.setdefault("_packed_masks", {})
-        if key not in masks:
+        def build() -> torch.Tensor:
             position = torch.arange(n_shared + n * own, device=device)
             prompt = torch.cat([torch.full((n_shared,), -1, device=device),
                                 torch.arange(n, device=device).repeat_interleave(own)])  # -1: shared
             visible = (position[None] <= position[:, None]) & ((prompt[None] == -1) | (prompt[None] == prompt[:, None]))
             length = len(position)
             aligned = torch.zeros(length, -(-length // 16) * 16, device=device, dtype=dtype)[:, :length]
-            masks[key] = aligned.masked_fill_(~visible, float("-inf"))
+            return aligned.masked_fill_(~visible, float("-inf"))
+
+        if torch.compiler.is_compiling():
+            # Traced into the compiled step instead (a few fused kernels): a tensor made by a CUDA graph
+            # and kept outside it is overwritten by the graph's next replay, and torch 2.11's dynamo
+            # breaks the graph at the dict below.
+            return build()
+        key = (n, own, n_shared, device, dtype)
+        # Created here, not in __init__: a dict attribute set there makes torch.compile guard on its
+        # contents and compile the step a second time once the mask is in it.
+        masks = self.__dict__.setdefault("_packed_masks", {})
+        if key not in masks:
+            masks[key] = build()
         return masks[key]
 
     def _encode_after_prefix(self, x: torch.Tensor, eot: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -462,7 +470,9 @@ def _recompute_with_the_same_blocks() -> tuple[contextlib.AbstractContextManager
 
 def _lean(block: nn.Module) -> bool:
     # open_clip's standard pre-norm block around nn.MultiheadAttention (what every CLIP ViT uses).
-    if _STOCK_BLOCKS.get():
+    # (stock_blocks is for eager passes: torch 2.11's dynamo cannot read a context variable and broke
+    # a compiled step at every block, which left CUDA graphs a fraction of the step to capture.)
+    if not torch.compiler.is_compiling() and _STOCK_BLOCKS.get():
         return False
     return isinstance(getattr(block, "attn", None), nn.MultiheadAttention) and block.attn.batch_first \
         and block.attn.in_proj_weight is not None and not hasattr(block, "ln_1_kv")

@@ -485,6 +485,7 @@ def test_a_compiled_step_trains_like_an_eager_one_and_compiles_once(method, mode
             monkeypatch.setattr(clip_module, "checkpoint", checkpoint)
         series[bool(compiled)] = {key: list(outcome.history[key]) for key in keys}
         assert counters["stats"]["unique_graphs"] == (1 if compiled else 0)  # whatever the step
+        assert not counters["graph_break"]  # a break splits the step, and its CUDA graphs, in pieces
     if method == "adapt":
         assert series[True]["mask/active_tokens"][-1] < series[True]["mask/active_tokens"][0]  # it pruned
     for key in keys:
