@@ -296,7 +296,8 @@ class TrainSpec(StrictModel):
         "when not), every later step is faster. Pays on long trials; on the CPU it needs a C++ compiler. "
         "true is torch.compile's default mode; 'reduce-overhead' also replays the compiled forward and "
         "backward as CUDA graphs (on CUDA; the same as true on the CPU), for steps whose time goes to "
-        "launching kernels rather than running them (small prompts on a fast GPU).")
+        "launching kernels rather than running them (small prompts on a fast GPU: CoOp on ViT-B/16, "
+        "H200, 380 steps/s against 57 eager).")
 
     @field_validator("eval_interval")
     @classmethod
