@@ -453,6 +453,39 @@ def test_cocoop_packs_each_images_prompts_with_the_same_logits_and_gradients(mon
     assert len(packed) == 2
 
 
+def test_a_compiled_step_leaves_nothing_on_the_model():
+    # With CUDA graphs (train.compile: reduce-overhead) the tensors a compiled step makes live in the
+    # graphs' memory, which the next replay overwrites: anything kept from step to step (a mask, a kept
+    # copy) must be made outside the compiled step, or inside it at every step. The packed mask, kept
+    # on the model when first built inside one, failed the first GPU run. On the CPU (no CUDA graphs)
+    # the same mistake shows as state the compiled step leaves on the model's objects.
+    from torch import nn
+
+    from mlgate.describe import method_config
+    from mlgate.methods import build_method
+    from mlgate.training import classification_loss
+
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    coop = build_method(method_config("coop", []), clip, [f"class {i}" for i in range(5)])
+    owners = [*clip.modules(), *coop.modules(),
+              *(v for v in vars(coop).values() if hasattr(v, "__dict__") and not isinstance(v, (nn.Module, torch.Tensor)))]
+
+    def state() -> dict:  # (owner, attribute name) → the value's identity, and a dict's items'
+        return {(id(owner), f"{type(owner).__name__}.{key}"):
+                (id(value), sorted((str(k), id(v)) for k, v in value.items()) if isinstance(value, dict) else None)
+                for owner in owners for key, value in vars(owner).items()}
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        features = clip.encode_image(torch.randn(8, 3, clip.image_norm.size, clip.image_norm.size))
+    before = state()
+    step = torch.compile(classification_loss, dynamic=False)
+    step(coop, features, torch.arange(5), torch.randint(0, 5, (8,)), False).backward()
+    assert coop.ctx.grad is not None
+    after = state()
+    assert [name for owner, name in after if after[owner, name] != before.get((owner, name))] == []
+
+
 @pytest.mark.parametrize(("method", "mode"), [("coop", True), ("adapt", "reduce-overhead"), ("cocoop", True)])
 def test_a_compiled_step_trains_like_an_eager_one_and_compiles_once(method, mode, monkeypatch):
     # train.compile: the same losses and diagnostics step by step, also while the gate temperature
