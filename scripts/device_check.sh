@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Issue 9's GPU checks in one run on the lent GPU machine, most important first, each under its
+# Issue 9's GPU checks in one run on the lent GPU machine, open questions first, each under its
 # own time limit and all within DEVICE_BUDGET_S seconds (default 420), so one slow bench cannot
 # take the others' time. Prepare the wheels first (scripts/device_wheels.sh) and carry .wheels.
-#   - ViT-B/16 speed-ups and GPU peak memory (bf16 autocast; MLflow logging included): coop eager,
-#     coop / adapt / cocoop with CUDA graphs (train.compile: reduce-overhead), then the other
-#     methods eager, the embedded backbone, coop compiled in the default mode;
+#   - ViT-B/16 speed-ups and GPU peak memory (bf16 autocast): first what 2026-11-27 left open (MaPLe
+#     and AdaptiveBiMaPLe with CUDA graphs (train.compile: reduce-overhead), the diagnostics and
+#     MLflow logging overheads under CUDA graphs, where the embedded backbone's graphed step spends
+#     its host time), then that day's rows again (coop / adapt / cocoop with CUDA graphs, coop eager),
+#     the other methods eager, the embedded backbone, coop compiled in the default mode;
 #   - CoOp on ImageNet-1k's 1,000 classes at batch 32 within 16 GB, and the reference at batch 1;
 #   - where the step's time goes (scripts/profile_step.py), eager and with CUDA graphs.
 # Usage: device_check.sh [quick | NAME...]   (quick: one method, fewer steps, to check the setup;
@@ -53,10 +55,14 @@ if [ "${1:-}" = quick ]; then
   exit 0
 fi
 vitb=(--backbone ViT-B-16 --steps 30 --warmup 5 --rounds 3 --configs "$configs")
-# Open questions first: CUDA graphs (compiled forward and backward replayed as graphs; one compiled
-# configuration against the eager reference, for compiling takes most of such a run), then eager
-# CoOp against the half-precision reference.
+# CUDA graphs: compiled forward and backward replayed as graphs. One compiled configuration against
+# the eager reference each, for compiling takes most of such a run (the overheads row compiles three).
 graphs=(--backbone ViT-B-16 --steps 30 --warmup 5 --rounds 3 --configs reference,mlgate --compile reduce-overhead)
+for method in maple adaptive_bimaple; do
+  bench "${method}_vitb16_cudagraphs" 150 --method "$method" "${graphs[@]}"
+done
+bench coop_vitb16_cudagraphs_overheads 240 --method coop "${vitb[@]}" --compile reduce-overhead
+profile profile_coop_tiny_cudagraphs 90 --method coop --backbone mlgate-tiny --compile reduce-overhead
 bench coop_vitb16_cudagraphs 150 --method coop "${graphs[@]}"
 bench coop_tiny_cudagraphs 90 --method coop --steps 100 --warmup 10 --rounds 3 --configs reference,mlgate --compile reduce-overhead
 bench coop_vitb16 75 --method coop "${vitb[@]}"
