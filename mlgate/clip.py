@@ -126,7 +126,7 @@ class PromptedCLIP(nn.Module):
         blocks = self.text.transformer.resblocks
         groups, n_shared = shared.shape[:2]
         n, n_own = own.shape[:2]
-        if n < 2 or not all([_lean(b) for b in blocks]):
+        if n < 2 or not all([_lean(b) for b in blocks]):  # (a list: dynamo traces it more simply than a generator)
             return self._encode_assembled(shared, own, eot_index)
         if n_shared + n * n_own <= self.packed_max_rows:
             return self._encode_packed(shared, own, eot_index)
@@ -453,7 +453,8 @@ _STOCK_BLOCKS = contextvars.ContextVar("stock_blocks", default=False)
 @contextlib.contextmanager
 def stock_blocks(enabled: bool = True):
     """Inside the block, :func:`run_block` runs open_clip's own block forward on every row, as the
-    reference trainers' CLIP does (``mlgate bench``'s reference configuration); tests compare too."""
+    reference trainers' CLIP does (``mlgate bench``'s reference configuration); tests compare too.
+    Eager passes only: a step under ``torch.compile`` always takes mlgate's blocks."""
     token = _STOCK_BLOCKS.set(enabled)
     try:
         yield
