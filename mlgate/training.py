@@ -275,8 +275,10 @@ def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, gr
         values = method.gate_values()
         values = values.mean(0) if values.dim() > 1 else values
         regularizers["entropy"] = tricks.entropy_weight * binary_entropy(values).sum()
-    loss_reg = sum(regularizers.values(), torch.zeros((), device=loss_cls.device))
-    loss = loss_cls + loss_reg
+    # Without regularizers the loss is the classification loss itself: no zero tensor and no add (two
+    # eager ops per step, outside the compiled step and its CUDA graphs).
+    loss_reg = functools.reduce(torch.add, regularizers.values()) if regularizers else None
+    loss = loss_cls if loss_reg is None else loss_cls + loss_reg
     reg_grads = diagnostics.term_gate_grads(regularizers) if diagnostics is not None and regularizers else None
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -284,7 +286,8 @@ def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, gr
     if tricks.equilibrium.enabled:
         equalize_gate_grads(gates, method.gate_activation, tricks.equilibrium.eps, tricks.equilibrium.cap)
     if diagnostics is not None:
-        diagnostics.record(step, {"loss/total": loss, "loss/cls": loss_cls, "loss/reg": loss_reg}, reg_grads)
+        reg = torch.zeros_like(loss_cls) if loss_reg is None else loss_reg
+        diagnostics.record(step, {"loss/total": loss, "loss/cls": loss_cls, "loss/reg": reg}, reg_grads)
     for name in frozen_groups(step - 1, cfg.phases, list(groups)):
         for p in groups[name]:
             p.grad = None  # optimizers skip parameters without a gradient

@@ -43,6 +43,8 @@ def test_entropy_regularizer_is_in_the_loss_and_pushes_gates_to_decide():
     expected = 4 * binary_entropy(torch.sigmoid(torch.tensor(0.5))).item()
     assert entropic.history["loss/reg"][0] == pytest.approx(expected, rel=1e-5)
     assert plain.history["loss/reg"][0] == 0.0
+    assert plain.history["loss/total"] == plain.history["loss/cls"]  # no regularizer: the loss itself
+    assert entropic.history["loss/total"][0] == pytest.approx(entropic.history["loss/cls"][0] + expected, rel=1e-5)
     assert entropic.final["gate/mean"] > plain.final["gate/mean"]  # pushed up, away from 0.5
     assert entropic.final["gate/entropy"] < plain.final["gate/entropy"]
     # The regularizer pulls the gates against the classification term: cancellation is measured.
