@@ -166,9 +166,13 @@ class PromptedCLIP(nn.Module):
         # The mask in the dtype attention will see (autocast's), so no layer casts it.
         mask = self._packed_mask(n, n_own, n_shared, shared.device, _autocast_dtype(shared.device.type) or cast)
         eot = eot.expand(groups, -1)  # each prompt's EOT row in its group's packed sequence
-        # Groups per chunk: about as many prompts as a chunk of the plain pass.
+        # Groups per chunk: as many token rows as a chunk of the plain pass (text_chunk prompts of
+        # n_shared + n_own rows each), which is what its memory follows. (Counted in prompts, a group
+        # of n prompts packed in n_shared + n × n_own rows took a chunk of its own at a third of that:
+        # CoCoOp at 32 images × 10 classes went through checkpointing and recomputed its text pass.)
+        rows = self.text_chunk * (n_shared + n_own)
         return self._chunked(self._packed_blocks, packed, eot, lambda part: (mask,),
-                             chunk=max(1, self.text_chunk // n))
+                             chunk=max(1, rows // packed.shape[1]))
 
     def _packed_blocks(self, packed: torch.Tensor, eot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # (G, T, D) packed sequences → (G × N, E) features at their (G, N) EOT rows.

@@ -423,6 +423,7 @@ def test_the_packed_mask_reaches_attention_as_it_is_kept(monkeypatch):
 def test_cocoop_packs_each_images_prompts_with_the_same_logits_and_gradients(monkeypatch):
     # CoCoOp: every image's class prompts share SOS + that image's context; packed per image (in one
     # pass, and in chunks of images under checkpointing), nothing may change.
+    import mlgate.clip as clip_module
     from mlgate.describe import method_config
     from mlgate.methods import build_method
 
@@ -431,9 +432,10 @@ def test_cocoop_packs_each_images_prompts_with_the_same_logits_and_gradients(mon
     torch.manual_seed(0)
     cocoop = build_method(method_config("cocoop", ["method.ctx_init=null"]), clip, names)
     features, ids = torch.randn(6, clip.model.visual.output_dim), torch.arange(len(names))
-    packed = []
-    original = clip._encode_packed
+    packed, chunks = [], []
+    original, checkpoint = clip._encode_packed, clip_module.checkpoint
     monkeypatch.setattr(clip, "_encode_packed", lambda *a, **k: packed.append(1) or original(*a, **k))
+    monkeypatch.setattr(clip_module, "checkpoint", lambda *a, **k: chunks.append(len(a[1])) or checkpoint(*a, **k))
 
     def logits_and_grads():
         logits = cocoop(features, ids)
@@ -443,14 +445,17 @@ def test_cocoop_packs_each_images_prompts_with_the_same_logits_and_gradients(mon
     monkeypatch.setattr(clip, "packed_max_rows", 0)
     plain, plain_grads = logits_and_grads()
     assert not packed
-    for chunk in (256, 10):  # 6 images × 5 prompts: one pass; then 2 images per checkpointed pass
+    # 6 images × 5 prompts: one pass; then chunks of the plain pass's rows (10 prompts of 10 rows
+    # each: SOS, 4 context tokens and the longest name's 5) hold 100 // 30 = 3 images, packed in
+    # 5 + 5 × 5 rows each: two checkpointed passes.
+    for chunk in (256, 10):
         monkeypatch.setattr(clip, "packed_max_rows", 256)
         monkeypatch.setattr(clip, "text_chunk", chunk)
         logits, grads = logits_and_grads()
         torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
         for got, want in zip(grads, plain_grads):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert len(packed) == 2
+    assert len(packed) == 2 and chunks == [3, 3]
 
 
 def test_a_compiled_step_leaves_nothing_on_the_model():
