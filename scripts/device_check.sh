@@ -26,24 +26,23 @@ export PYTHONPATH="$PWD/.deps:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=
 export TORCH_LOGS="${TORCH_LOGS:-perf_hints}"  # into each .err: why inductor would skip CUDA graphs
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 deadline=$((SECONDS + ${DEVICE_BUDGET_S:-420}))
-bench() {  # name, time limit (s), then mlgate bench arguments
-  local name="$1" limit="$2"; shift 2
-  if [ "$only" != "  " ] && [[ "$only" != *" $name "* ]]; then return; fi
+wanted() {  # name, time limit (s): whether to run it (asked for, and budget left); sets $limit
+  if [ "$only" != "  " ] && [[ "$only" != *" $1 "* ]]; then return 1; fi
   local left=$((deadline - SECONDS))
-  if [ "$left" -lt 20 ]; then echo "$name: skipped (budget spent)"; return; fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  local start=$SECONDS
+  if [ "$left" -lt 20 ]; then echo "$1: skipped (budget spent)"; return 1; fi
+  limit=$(($2 < left ? $2 : left))
+}
+bench() {  # name, time limit (s), then mlgate bench arguments
+  local name="$1" limit start=$SECONDS
+  wanted "$1" "$2" || return 0; shift 2
   timeout "$limit" "$py" -m mlgate bench --device "${MLGATE_BENCH_DEVICE:-cuda}" --json "$@" \
     > "$out/$name.json" 2> "$out/$name.err"
   echo "$name: exit $? in $((SECONDS - start)) s (limit $limit)"
   tail -c 300 "$out/$name.err"; "$py" -m json.tool "$out/$name.json" 2>/dev/null | grep -A4 '"ratios"\|"gpu"'
 }
 profile() {  # name, time limit (s), then scripts/profile_step.py arguments
-  local name="$1" limit="$2"; shift 2
-  if [ "$only" != "  " ] && [[ "$only" != *" $name "* ]]; then return; fi
-  local left=$((deadline - SECONDS))
-  if [ "$left" -lt 20 ]; then echo "$name: skipped (budget spent)"; return; fi
-  [ "$limit" -gt "$left" ] && limit=$left
+  local name="$1" limit
+  wanted "$1" "$2" || return 0; shift 2
   timeout "$limit" "$py" scripts/profile_step.py --device "${MLGATE_BENCH_DEVICE:-cuda}" "$@" > "$out/$name.txt" 2>&1
   echo "$name: exit $?"; grep -m1 "ms/step" "$out/$name.txt"
 }
