@@ -223,6 +223,50 @@ def test_maple_parameter_count_matches_the_reference_formula():
     assert 30 < info["gflops_per_image"] < 45  # one ViT-B/16 image forward with 2 extra tokens
 
 
+@pytest.mark.parametrize("name", ["maple", "bimaple"])
+def test_deep_couplings_run_batched_with_each_depths_own_layers(clip, name):
+    # The couplings of all deep layers run as batched matmuls: each depth must still get its own
+    # layers' values and gradients, as one module call per depth gives them (and the cycle loss the
+    # mean of the per-depth MSEs).
+    torch.manual_seed(0)
+    method = build_method(method_class(name).Config(depth=3), clip, CLASSES)
+    if name == "bimaple":
+        with torch.no_grad():
+            method.alpha.normal_(), method.beta.normal_()  # a fusion of its own at every depth
+    params = [p for ps in method.param_groups().values() for p in ps]
+
+    def per_depth():
+        text, vision = [method.ctx], [method.proj(method.ctx)]
+        for i, t in enumerate(method.deep_text):
+            v = method.deep_proj[i](t)
+            if name == "bimaple":
+                a, b = torch.sigmoid(method.alpha[i]), torch.sigmoid(method.beta[i])
+                t = a * t + (1 - a) * method.v2l[i](v)
+                v = b * v + (1 - b) * method.l2v[i](t)
+            text.append(t)
+            vision.append(v)
+        return text, vision
+
+    outputs = []
+    for prompts in (method.layer_prompts, per_depth):
+        text, vision = prompts()
+        weights = torch.arange(1.0, 1 + len(text))  # every depth counts differently in the loss
+        loss = sum(w * (t.square().sum() + v.sin().sum()) for w, t, v in zip(weights, text, vision))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        outputs.append(([*text, *vision], grads))
+    (batched, batched_grads), (expected, expected_grads) = outputs
+    assert len(batched) == len(expected) == 6
+    for got, want in zip(batched, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for got, want in zip(batched_grads, expected_grads):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    if name == "bimaple":
+        cycle = torch.stack([F.mse_loss(method.v2l[i](method.l2v[i](t)), t) for i, t in enumerate(method.deep_text)])
+        torch.testing.assert_close(method.regularizers()["cycle"], method.cfg.cycle_weight * cycle.mean())
+
+
 def _adaptive(clip, **settings):
     torch.manual_seed(0)
     return build_method(method_class("adaptive_bimaple").Config(**settings), clip, CLASSES)

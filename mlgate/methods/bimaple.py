@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from mlgate.methods import register
-from mlgate.methods.maple import MaPLe, MaPLeConfig
+from mlgate.methods.maple import MaPLe, MaPLeConfig, linear_per_layer
 
 
 class BiMaPLeConfig(MaPLeConfig):
@@ -27,6 +27,12 @@ class BiMaPLeConfig(MaPLeConfig):
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
     hidden = max(d_in // 2, 64)
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
+
+
+def _mlp_per_layer(mlps: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    # mlps[k](x[k]) for every depth k at once, (K, n, D_in) → (K, n, D_out) (see linear_per_layer).
+    hidden = F.relu(linear_per_layer([m[0] for m in mlps], x))
+    return linear_per_layer([m[2] for m in mlps], hidden)
 
 
 @register("bimaple")
@@ -48,17 +54,21 @@ class BiMaPLe(MaPLe):
         return groups
 
     def layer_prompts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        # Every deep layer at once: (K, n, D) stacks through batched couplings (one matmul per
+        # coupling layer for all K depths, not K of them), then one view per depth.
         text, vision = [self.ctx], [self.proj(self.ctx)]
-        for i, t in enumerate(self.deep_text):
-            v = self.deep_proj[i](t)
-            a, b = torch.sigmoid(self.alpha[i]), torch.sigmoid(self.beta[i])
-            t_fused = a * t + (1 - a) * self.v2l[i](v)
-            text.append(t_fused)
-            vision.append(b * v + (1 - b) * self.l2v[i](t_fused))
+        if len(self.deep_text):
+            t = self.deep_text
+            v = linear_per_layer(self.deep_proj, t)
+            a, b = torch.sigmoid(self.alpha)[:, None, None], torch.sigmoid(self.beta)[:, None, None]
+            t_fused = a * t + (1 - a) * _mlp_per_layer(self.v2l, v)
+            text += t_fused.unbind(0)
+            vision += (b * v + (1 - b) * _mlp_per_layer(self.l2v, t_fused)).unbind(0)
         return text, vision
 
     def regularizers(self) -> dict[str, torch.Tensor]:
         if self.cfg.cycle_weight == 0 or len(self.deep_text) == 0:
             return {}
-        cycle = torch.stack([F.mse_loss(self.v2l[i](self.l2v[i](t)), t) for i, t in enumerate(self.deep_text)])
-        return {"cycle": self.cfg.cycle_weight * cycle.mean()}
+        t = self.deep_text  # the mean over depths of each depth's MSE: every depth has as many values
+        cycle = F.mse_loss(_mlp_per_layer(self.v2l, _mlp_per_layer(self.l2v, t)), t)
+        return {"cycle": self.cfg.cycle_weight * cycle}

@@ -7,7 +7,7 @@ per depth (F: D_text → D_vision). Vision prompts are appended to the ViT seque
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,14 @@ def resolve_depth(clip, cfg: MaPLeConfig) -> int:
     if cfg.depth > layers:
         raise ValueError(f"method.depth {cfg.depth} exceeds the {layers} layers of backbone {clip.name!r}")
     return cfg.depth
+
+
+def linear_per_layer(layers: Sequence[nn.Linear], x: torch.Tensor) -> torch.Tensor:
+    """``layers[k](x[k])`` for every depth k at once, (K, n, D_in) → (K, n, D_out): one batched matmul
+    instead of K small ones (and, under autocast, one cast of the stacked weights instead of K)."""
+    weight = torch.stack([layer.weight for layer in layers])  # (K, D_out, D_in)
+    bias = torch.stack([layer.bias for layer in layers]).unsqueeze(1)
+    return torch.baddbmm(bias, x, weight.transpose(1, 2))
 
 
 @register("maple")
@@ -71,8 +79,9 @@ class MaPLe(PromptMethod):
 
     def layer_prompts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Text and vision prompts per depth 0..J-1 (each (n_ctx, D))."""
-        text = [self.ctx, *self.deep_text]
-        vision = [self.proj(self.ctx), *(f(t) for f, t in zip(self.deep_proj, self.deep_text))]
+        text, vision = [self.ctx, *self.deep_text], [self.proj(self.ctx)]
+        if len(self.deep_proj):
+            vision += linear_per_layer(self.deep_proj, self.deep_text).unbind(0)
         return text, vision
 
     def encode(self, images: torch.Tensor, class_ids: torch.Tensor, text: list[torch.Tensor | None],
