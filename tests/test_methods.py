@@ -272,6 +272,41 @@ def _adaptive(clip, **settings):
     return build_method(method_class("adaptive_bimaple").Config(**settings), clip, CLASSES)
 
 
+@pytest.mark.parametrize("control", ["none", "param_matched"])
+def test_adaptive_gates_and_controls_act_on_every_depth_at_once(clip, control):
+    # Training scales all depths' prompts in one op per gate or control: the logits and gradients
+    # must be those of scaling each depth's prompts by its own gates, one depth at a time.
+    method = _adaptive(clip, depth=3, control=control)
+    with torch.no_grad():
+        for p in method.parameters():
+            if p.dim() <= 2 and p.numel() < 64:  # gates, fusion logits, the controls: off their inits
+                p.normal_()
+    method.train()
+    images, ids = _inputs(clip, method), torch.tensor([1, 3, 4])
+
+    def per_depth():
+        text, vision = method.layer_prompts()
+        if control == "param_matched":
+            scale = [1.0, *(1 + method.depth_scale)]
+            text = [(t + method.token_bias[i]) * scale[i] for i, t in enumerate(text)]
+            vision = [(v + method.token_bias[i]) * scale[i] for i, v in enumerate(vision)]
+        else:
+            length, depth = method._length_probs(), method._depth_probs()
+            text = [t * length[i, :, None] * (depth[i - 1] if i else 1) for i, t in enumerate(text)]
+            vision = [v * length[i, :, None] * (depth[i - 1] if i else 1) for i, v in enumerate(vision)]
+        return method.encode(images, ids, text, vision)
+
+    params = [p for ps in method.param_groups().values() for p in ps]
+    results = []
+    for forward in (lambda: method(images, ids), per_depth):
+        logits = forward()
+        results.append((logits, torch.autograd.grad(logits.square().sum(), params)))
+    (logits, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_inference_drops_gated_tokens_but_training_keeps_them_soft(clip):
     method = _adaptive(clip)
     images, classes = _inputs(clip, method), torch.arange(4)

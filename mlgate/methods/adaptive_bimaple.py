@@ -124,26 +124,23 @@ class AdaptiveBiMaPLe(BiMaPLe):
         return out
 
     def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        text, vision = self.layer_prompts()
+        # Every depth's prompts in one (J, n, D) tensor per tower, so each control and gate below is
+        # one op for all depths (not one per depth, and as many again in the backward).
+        text, vision = (torch.stack(p) for p in self.layer_prompts())
         if self.token_bias is not None:  # param_matched control
-            text = [t + self.token_bias[i] for i, t in enumerate(text)]
-            vision = [v + self.token_bias[i] for i, v in enumerate(vision)]
-            scale = [torch.ones((), device=self.ctx.device), *(1 + self.depth_scale)]
-            text = [t * s for t, s in zip(text, scale)]
-            vision = [v * s for v, s in zip(vision, scale)]
+            scale = F.pad(1 + self.depth_scale, (1, 0), value=1.0)[:, None, None]  # depth 0 unscaled
+            text, vision = (text + self.token_bias) * scale, (vision + self.token_bias) * scale
         if self.cfg.control == "explicit_reg" and self.training:
-            text = [F.dropout(t, self.cfg.dropout) for t in text]
-            vision = [F.dropout(v, self.cfg.dropout) for v in vision]
+            text, vision = F.dropout(text, self.cfg.dropout), F.dropout(vision, self.cfg.dropout)
         length, depth = self._length_probs(), self._depth_probs()
         if self.training:  # soft: scale tokens by their length gate, deep prompts by their depth gate
             if length is not None:
-                text = [t * length[i, :, None] for i, t in enumerate(text)]
-                vision = [v * length[i, :, None] for i, v in enumerate(vision)]
+                text, vision = text * length[:, :, None], vision * length[:, :, None]
             if depth is not None:
-                text = [text[0], *(t * depth[i] for i, t in enumerate(text[1:]))]
-                vision = [vision[0], *(v * depth[i] for i, v in enumerate(vision[1:]))]
-            return self.encode(images, class_ids, text, vision)
-        return self.encode(images, class_ids, *self._hard_prompts(text, vision, length, depth))
+                depth = F.pad(depth, (1, 0), value=1.0)[:, None, None]  # the shallow prompt has none
+                text, vision = text * depth, vision * depth
+            return self.encode(images, class_ids, list(text.unbind(0)), list(vision.unbind(0)))
+        return self.encode(images, class_ids, *self._hard_prompts(text.unbind(0), vision.unbind(0), length, depth))
 
     def _hard_prompts(self, text, vision, length, depth):
         """Inference: drop tokens whose gate is at or below the threshold, skip layers likewise."""
