@@ -355,31 +355,52 @@ class PromptedCLIP(nn.Module):
             prompt_cols.masked_fill_(active == 0, float("-inf"))
         return torch.cat([prompt_cols.expand(length, -1), base.to(dtype)], dim=1)
 
+    def _kv_masks(self, base: torch.Tensor | None, length: int, prompts: Sequence[torch.Tensor | None],
+                  active: Sequence[torch.Tensor | None] | torch.Tensor | None, layers: int,
+                  device: torch.device, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        # Every layer's _kv_mask. With ``active`` a (K, P) tensor (ADAPT while it trains: prompts of P
+        # tokens at layers 0..K-1), all K masks come from a few ops instead of a few per layer, in the
+        # dtype attention sees (autocast's), so no layer casts its mask.
+        sizes = [0 if i >= len(prompts) or prompts[i] is None else prompts[i].shape[-2] for i in range(layers)]
+        if not isinstance(active, torch.Tensor):
+            return [self._kv_mask(base, length, n, active[i] if active and i < len(active) else None, device, dtype)
+                    for i, n in enumerate(sizes)]
+        (k, p), dtype = active.shape, _autocast_dtype(device.type) or dtype
+        if sizes[:k] != [p] * k:
+            raise ValueError(f"an active mask of {k} × {p} tokens needs P = {p} prompt tokens at layers 0..{k - 1}, "
+                             f"not {sizes[:k]}")
+        cols = torch.zeros(k, p, device=device, dtype=dtype).masked_fill_(active == 0, float("-inf"))
+        if base is None:  # one row per layer (the L positions always take part), expanded to every query
+            masks = [row.expand(length, -1) for row in F.pad(cols, (0, length)).unsqueeze(1)]
+        else:
+            base = base.to(dtype)
+            masks = list(torch.cat([cols.unsqueeze(1).expand(-1, length, -1), base.expand(k, -1, -1)], 2))
+        return masks + [self._kv_mask(base, length, n, None, device, dtype) for n in sizes[k:]]
+
     def encode_text_kv(self, x: torch.Tensor, eot_index: torch.Tensor, prompts: Sequence[torch.Tensor | None],
-                       active: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+                       active: Sequence[torch.Tensor | None] | torch.Tensor | None = None) -> torch.Tensor:
         """Text features (N, E) with KV-only prompts: ``prompts[i]`` ((P, D) or None) at layer i,
-        ``active[i]`` a (P,) 0/1 mask of the tokens that take part (None: all)."""
+        ``active[i]`` a (P,) 0/1 mask of the tokens that take part (None: all); ``active`` may be one
+        (K, P) tensor for prompts of P tokens at layers 0..K-1."""
         x, cast = self._text_input(x)
-        causal = self._causal_mask(x.shape[1], x.device, cast)
         blocks = self.text.transformer.resblocks
-        for i, block in enumerate(blocks):
+        masks = self._kv_masks(self._causal_mask(x.shape[1], x.device, cast), x.shape[1], prompts, active,
+                               len(blocks), x.device, cast)
+        for i, (block, mask) in enumerate(zip(blocks, masks)):
             prompt = prompts[i] if i < len(prompts) else None
-            n = 0 if prompt is None else prompt.shape[-2]
-            mask = self._kv_mask(causal, x.shape[1], n, active[i] if active else None, x.device, cast)
             x = self._kv_block(block, x, prompt, mask, eot_index if i == len(blocks) - 1 else None)
         return self._text_output(x)
 
     def encode_image_kv(self, images: torch.Tensor, prompts: Sequence[torch.Tensor | None],
-                        active: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+                        active: Sequence[torch.Tensor | None] | torch.Tensor | None = None) -> torch.Tensor:
         """Image features (N, E) with KV-only prompts per layer (see :meth:`encode_text_kv`)."""
         visual = self.model.visual
         x = visual._embeds(images.to(visual.conv1.weight.dtype))
-        for i, block in enumerate(visual.transformer.resblocks):
+        blocks = visual.transformer.resblocks
+        masks = self._kv_masks(None, x.shape[1], prompts, active, len(blocks), x.device, x.dtype)
+        for i, (block, mask) in enumerate(zip(blocks, masks)):
             prompt = prompts[i] if i < len(prompts) else None
-            n = 0 if prompt is None else prompt.shape[-2]
-            mask = self._kv_mask(None, x.shape[1], n, active[i] if active else None, x.device, x.dtype)
-            last = i == len(visual.transformer.resblocks) - 1
-            x = self._kv_block(block, x, prompt, mask, self._pooled_rows(x) if last else None)
+            x = self._kv_block(block, x, prompt, mask, self._pooled_rows(x) if i == len(blocks) - 1 else None)
         return self._image_output(x)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

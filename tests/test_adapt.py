@@ -54,6 +54,15 @@ def test_masked_kv_prompts_equal_attention_without_those_tokens(clip):
         torch.testing.assert_close(clip.encode_text_kv(x, eot, text_prompts, active),
                                    clip.encode_text_kv(x, eot, [p[a.bool()] for p, a in zip(text_prompts, active)]),
                                    atol=1e-5, rtol=1e-5)
+    # One (K, P) tensor for the first K layers' prompts (how ADAPT trains: its masks built for all
+    # layers at once): the features of the same rows given layer by layer.
+    k = layers - 1
+    stacked = (torch.rand(k, 5, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    for encode, inputs, tower_prompts in ((clip.encode_image_kv, (images,), prompts), (clip.encode_text_kv, (x, eot), text_prompts)):
+        torch.testing.assert_close(encode(*inputs, tower_prompts[:k], stacked),
+                                   encode(*inputs, tower_prompts[:k], list(stacked)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prompt tokens at layers"):
+        clip.encode_image_kv(images, [prompts[0][:4], *prompts[1:k]], stacked)
 
 
 def test_snip_grad_norm_and_l2_scores_by_hand(clip):

@@ -131,7 +131,7 @@ class Adapt(PromptMethod):
             text_active = vision_active = None
         else:
             text_prompts, vision_prompts = list(self.text_prompts), list(self.vision_prompts)
-            text_active, vision_active = list(self.text_mask), list(self.vision_mask)
+            text_active, vision_active = self.text_mask, self.vision_mask  # (depth, max_len): masks built at once
         text = self.clip.encode_text_kv(self.text_embeds[class_ids], self.eot[class_ids], text_prompts, text_active)
         image = self.clip.encode_image_kv(images, vision_prompts, vision_active)
         text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
