@@ -344,23 +344,25 @@ class PromptedCLIP(nn.Module):
         # every query (no part in attention): (L, P + L), or None when every token takes part and there
         # is no base. Without a base (the image tower) it is one row, built once and expanded to every
         # query (three kernels a layer fewer than building the full mask, at every layer and step).
+        # ``active`` (K, P) gives K layers' masks at once, (K, L, P + L).
         if n_prompt == 0 or (active is None and base is None):
             return base
+        lead = () if active is None else active.shape[:-1]
         if base is None:
-            row = torch.zeros(1, n_prompt + length, device=device, dtype=dtype)
-            row[:, :n_prompt].masked_fill_(active == 0, float("-inf"))
-            return row.expand(length, -1)
-        prompt_cols = torch.zeros(1, n_prompt, device=device, dtype=dtype)
+            row = torch.zeros(*lead, 1, n_prompt + length, device=device, dtype=dtype)
+            row[..., :n_prompt].masked_fill_((active == 0).unsqueeze(-2), float("-inf"))
+            return row.expand(*lead, length, -1)
+        prompt_cols = torch.zeros(*lead, 1, n_prompt, device=device, dtype=dtype)
         if active is not None:
-            prompt_cols.masked_fill_(active == 0, float("-inf"))
-        return torch.cat([prompt_cols.expand(length, -1), base.to(dtype)], dim=1)
+            prompt_cols.masked_fill_((active == 0).unsqueeze(-2), float("-inf"))
+        return torch.cat([prompt_cols.expand(*lead, length, -1), base.to(dtype).expand(*lead, -1, -1)], dim=-1)
 
     def _kv_masks(self, base: torch.Tensor | None, length: int, prompts: Sequence[torch.Tensor | None],
                   active: Sequence[torch.Tensor | None] | torch.Tensor | None, layers: int,
                   device: torch.device, dtype: torch.dtype) -> list[torch.Tensor | None]:
         # Every layer's _kv_mask. With ``active`` a (K, P) tensor (ADAPT while it trains: prompts of P
-        # tokens at layers 0..K-1), all K masks come from a few ops instead of a few per layer, in the
-        # dtype attention sees (autocast's), so no layer casts its mask.
+        # tokens at layers 0..K-1), the K masks are built as one, in the dtype attention sees
+        # (autocast's), so no layer casts its mask.
         sizes = [0 if i >= len(prompts) or prompts[i] is None else prompts[i].shape[-2] for i in range(layers)]
         if not isinstance(active, torch.Tensor):
             return [self._kv_mask(base, length, n, active[i] if active and i < len(active) else None, device, dtype)
@@ -369,13 +371,9 @@ class PromptedCLIP(nn.Module):
         if sizes[:k] != [p] * k:
             raise ValueError(f"an active mask of {k} × {p} tokens needs P = {p} prompt tokens at layers 0..{k - 1}, "
                              f"not {sizes[:k]}")
-        cols = torch.zeros(k, p, device=device, dtype=dtype).masked_fill_(active == 0, float("-inf"))
-        if base is None:  # one row per layer (the L positions always take part), expanded to every query
-            masks = [row.expand(length, -1) for row in F.pad(cols, (0, length)).unsqueeze(1)]
-        else:
-            base = base.to(dtype)
-            masks = list(torch.cat([cols.unsqueeze(1).expand(-1, length, -1), base.expand(k, -1, -1)], 2))
-        return masks + [self._kv_mask(base, length, n, None, device, dtype) for n in sizes[k:]]
+        base = None if base is None else base.to(dtype)
+        return [*self._kv_mask(base, length, p, active, device, dtype),
+                *(self._kv_mask(base, length, n, None, device, dtype) for n in sizes[k:])]
 
     def encode_text_kv(self, x: torch.Tensor, eot_index: torch.Tensor, prompts: Sequence[torch.Tensor | None],
                        active: Sequence[torch.Tensor | None] | torch.Tensor | None = None) -> torch.Tensor:
