@@ -268,7 +268,9 @@ def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, gr
     if mode == "reduce-overhead":
         # A new step: the CUDA graphs may reuse the memory of the last step's outputs (all consumed).
         torch.compiler.cudagraph_mark_step_begin()
-    loss_fn = classification_loss if mode is None else compiled_loss(mode)
+    # The first step runs eagerly: it keeps the frozen towers' matrices in autocast's dtype, which the
+    # compiled steps then read as static inputs instead of casting them in their graphs (clip.kept).
+    loss_fn = classification_loss if mode is None or step == 1 else compiled_loss(mode)
     loss_cls = loss_fn(method, inputs, class_ids, targets, use_bf16(cfg, inputs.device))
     regularizers = method.regularizers()
     if gates and tricks.entropy_weight > 0:

@@ -2,7 +2,7 @@
 timed in alternating blocks (on a shared VM, two processes, even back to back, differ by up to ±10%).
 
     python scripts/ab_step.py --base HEAD~1 --method coop [--backbone mlgate-tiny] [--classes 10] \
-        [--batch 32] [--steps 300] [--rounds 10] [--device cpu] [--precision bf16]
+        [--batch 32] [--steps 300] [--rounds 10] [--device cpu] [--precision bf16] [--compile [MODE]]
 
 The base revision's ``mlgate`` package is exported with ``git archive`` and imported as ``mlgate_base``.
 Both sides train the same method (the spec's defaults) on the same random-init backbone and inputs.
@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="train.precision (bf16 on a CPU: the autocast path a GPU takes, for its op count)")
+    parser.add_argument("--compile", nargs="?", const=True, default=False, choices=[True, "default", "reduce-overhead"],
+                        help="train.compile for both sides (ops are then not counted: the compiled step runs kernels)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -130,7 +132,7 @@ def main() -> None:
                     sides[name]()
                 sync()
                 times[name].append((time.perf_counter() - start) / args.steps * 1e3)
-        ops = {name: ops_per_step(step) for name, step in sides.items()}
+        ops = {name: ops_per_step(step) if not args.compile else ("-", "-") for name, step in sides.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
         print(f"{name:5s} {median[name]:8.3f} ms/step, {ops[name][0]} ATen ops/step, {ops[name][1]} computing "

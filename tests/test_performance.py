@@ -491,6 +491,53 @@ def test_a_compiled_step_leaves_nothing_on_the_model():
     assert [name for owner, name in after if after[owner, name] != before.get((owner, name))] == []
 
 
+@pytest.mark.parametrize("method", ["coop", "adapt"])
+def test_a_compiled_bf16_step_reads_the_frozen_matrices_kept_by_an_eager_one(method):
+    # Under bf16 autocast the frozen towers' matrices are kept in bf16 by the first (eager) step; the
+    # compiled steps take those copies as static inputs (no copy into CUDA graphs' memory) instead of
+    # casting the fp32 weights inside the graph, which CUDA graphs would redo at every replay. Seen in
+    # the graphs: no cast of a weight-shaped input in the forward, and every bf16 input static.
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+
+    from mlgate.describe import method_config
+    from mlgate.methods import build_method
+    from mlgate.training import classification_loss
+
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    model = build_method(method_config(method, []), clip, [f"class {i}" for i in range(5)])
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, clip.image_norm.size, clip.image_norm.size)
+    inputs = images if model.prompts_vision else clip.encode_image(images).detach()
+    targets, ids = torch.randint(0, 5, (4,)), torch.arange(5)
+    eager = classification_loss(model, inputs, ids, targets, True)
+    graphs = []
+
+    def forward_compiler(graph, example_inputs):
+        graphs.append(graph)
+        return graph
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return aot_autograd(fw_compiler=forward_compiler)(graph, example_inputs)
+
+    counters.clear()
+    compiled = torch.compile(classification_loss, backend=backend, dynamic=False)(model, inputs, ids, targets, True)
+    torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    traced, forward = graphs
+    matrices = {tuple(p.shape) for name, p in clip.named_parameters()
+                if p.dim() == 2 and name.endswith(("weight", "proj", "projection"))}
+    casts = [node.args[0] for node in forward.graph.nodes if node.op == "call_function"
+             and str(node.target) in ("prims.convert_element_type.default", "aten._to_copy.default")]
+    cast_inputs = {tuple(arg.meta["val"].shape) for arg in casts if arg.op == "placeholder"}
+    assert casts and not matrices & cast_inputs, cast_inputs  # (activations are cast: layer norms give fp32)
+    bf16_inputs = [node for node in traced.graph.find_nodes(op="placeholder")
+                   if getattr(node.meta.get("example_value"), "dtype", None) == torch.bfloat16]
+    assert len(bf16_inputs) >= 4 * len(clip.model.transformer.resblocks)  # each text block's attention
+    assert all(node.meta["tensor_dict"].get("_dynamo_static_input_type") for node in bf16_inputs)
+
+
 @pytest.mark.parametrize(("method", "mode"), [("coop", True), ("adapt", "reduce-overhead"), ("cocoop", True)])
 def test_a_compiled_step_trains_like_an_eager_one_and_compiles_once(method, mode, monkeypatch):
     # train.compile: the same losses and diagnostics step by step, also while the gate temperature
