@@ -41,7 +41,7 @@ from mlgate.describe import method_config
 from mlgate.diagnostics import Diagnostics
 from mlgate.methods import build_method
 from mlgate.spec import LoggingSpec, TrainSpec
-from mlgate.training import build_optimizer, optimization_step, resolve_device, use_bf16
+from mlgate.training import batch_indices, build_optimizer, optimization_step, resolve_device, use_bf16
 
 CONFIGS = ("reference", "mlgate", "mlgate_diagnostics", "mlgate_logging")
 
@@ -149,6 +149,7 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
     labels = torch.randint(0, n_classes, (pool,), generator=gen).to(dev)
     class_ids = torch.arange(n_classes, device=dev)
     total = warmup + rounds * steps
+    # The reference's batches, drawn up front on the device: its sampling costs it nothing.
     batches = [torch.randint(0, pool, (batch,), generator=gen).to(dev) for _ in range(total)]
 
     def fresh(backbone_model=clip):
@@ -197,9 +198,11 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
         diag = (Diagnostics(groups.get("prompt", []), groups.get("gate", []), m.gate_values, m.metrics)
                 if diagnose else None)
 
+        drawn = batch_indices(torch.Generator().manual_seed(0), pool, batch, total, dev)  # as the trainer draws
+
         def step(i: int) -> None:
             nonlocal logged_steps, undrained
-            idx = batches[i - 1]
+            idx = next(drawn)
             record = diag is not None and i % diagnostics_every == 0  # as the trainer's logging.diagnostics_every
             optimization_step(m, opt, groups, train_cfg, features[idx], labels[idx], class_ids, i, total,
                               diag if record else None)

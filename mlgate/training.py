@@ -14,7 +14,7 @@ import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -232,6 +232,20 @@ def use_bf16(cfg: TrainSpec, device: torch.device) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
+def batch_indices(generator: torch.Generator, pool: int, batch: int, steps: int, device: torch.device,
+                  block: int = 64) -> Iterator[torch.Tensor]:
+    """Each step's batch: the first ``batch`` of a fresh random permutation of ``pool`` indices (one
+    ``randperm`` per step, from ``generator``), on ``device``. Drawn on the host ``block`` steps at a
+    time and sent in one copy that does not wait for the device: a blocking copy at every step would
+    sync the host with the GPU at every step, so the host could never queue a step ahead."""
+    for start in range(0, steps, block):
+        drawn = torch.stack([torch.randperm(pool, generator=generator)[:batch]
+                             for _ in range(min(block, steps - start))])
+        if device.type == "cuda":
+            drawn = drawn.pin_memory()
+        yield from drawn.to(device, non_blocking=True)
+
+
 def classification_loss(method: PromptMethod, inputs: torch.Tensor, class_ids: torch.Tensor,
                         targets: torch.Tensor, bf16: bool) -> torch.Tensor:
     """Cross-entropy of ``method``'s logits over ``class_ids``: the forward part of a step (what
@@ -404,6 +418,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
     if cfg.compile:
         torch.compiler.reset()  # earlier trials' graphs go (their kernels stay in the on-disk cache)
     train_split = splits["train"]
+    batches = batch_indices(generator, len(train_split), cfg.batch_size, steps, device)
     try:
         for step in range(1, steps + 1):
             interrupts.check()  # a signal that landed in a finalizer (GC) and was dropped by Python
@@ -411,7 +426,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
             for group in optimizer.param_groups:
                 group["lr"] = (cfg.schedule.warmup_lr if factor is None
                                else cfg.optimizer.lr * group["lr_mult"] * factor)
-            idx = torch.randperm(len(train_split), generator=generator)[: cfg.batch_size].to(device)
+            idx = next(batches)
             diagnose = step % spec.logging.diagnostics_every == 0 or step == steps
             optimization_step(method, optimizer, groups, cfg, train_split.images[idx],
                               target_of[train_split.labels[idx]], base_ids, step, steps,

@@ -2,11 +2,13 @@
 # Issue 9's GPU checks in one run on the lent GPU machine, open questions first, each under its
 # own time limit and all within DEVICE_BUDGET_S seconds (default 420), so one slow bench cannot
 # take the others' time. Prepare the wheels first (scripts/device_wheels.sh) and carry .wheels.
-#   - ViT-B/16 speed-ups and GPU peak memory (bf16 autocast): first what 2026-11-27 left open (MaPLe
-#     and AdaptiveBiMaPLe with CUDA graphs (train.compile: reduce-overhead), the diagnostics and
+#   - ViT-B/16 speed-ups and GPU peak memory (bf16 autocast): first what 2026-11-27 left open (CoOp
+#     with CUDA graphs (train.compile: reduce-overhead) now that its graphs take the frozen bf16
+#     matrices as static inputs instead of casting them at every replay, CoCoOp since its packed
+#     groups are chunked by rows, MaPLe and AdaptiveBiMaPLe with CUDA graphs, the diagnostics and
 #     MLflow logging overheads under CUDA graphs, where the embedded backbone's graphed step spends
-#     its host time), then that day's rows again (coop / adapt / cocoop with CUDA graphs, coop eager),
-#     the other methods eager, the embedded backbone, coop compiled in the default mode;
+#     its host time), then that day's other rows again (coop eager, adapt with CUDA graphs), the
+#     other methods eager, the embedded backbone, coop compiled in the default mode;
 #   - CoOp on ImageNet-1k's 1,000 classes at batch 32 within 16 GB, and the reference at batch 1;
 #   - where the step's time goes (scripts/profile_step.py), eager and with CUDA graphs.
 # Usage: device_check.sh [quick | NAME...]   (quick: one method, fewer steps, to check the setup;
@@ -57,17 +59,14 @@ vitb=(--backbone ViT-B-16 --steps 30 --warmup 5 --rounds 3 --configs "$configs")
 # CUDA graphs: compiled forward and backward replayed as graphs. One compiled configuration against
 # the eager reference each, for compiling takes most of such a run (the overheads row compiles three).
 graphs=(--backbone ViT-B-16 --steps 30 --warmup 5 --rounds 3 --configs reference,mlgate --compile reduce-overhead)
-for method in maple adaptive_bimaple; do
+for method in coop cocoop maple adaptive_bimaple; do
   bench "${method}_vitb16_cudagraphs" 150 --method "$method" "${graphs[@]}"
 done
 bench coop_vitb16_cudagraphs_overheads 240 --method coop "${vitb[@]}" --compile reduce-overhead
 profile profile_coop_tiny_cudagraphs 90 --method coop --backbone mlgate-tiny --compile reduce-overhead
-bench coop_vitb16_cudagraphs 150 --method coop "${graphs[@]}"
 bench coop_tiny_cudagraphs 90 --method coop --steps 100 --warmup 10 --rounds 3 --configs reference,mlgate --compile reduce-overhead
 bench coop_vitb16 75 --method coop "${vitb[@]}"
-for method in adapt cocoop; do
-  bench "${method}_vitb16_cudagraphs" 150 --method "$method" "${graphs[@]}"
-done
+bench adapt_vitb16_cudagraphs 150 --method adapt "${graphs[@]}"
 profile profile_coop_vitb16_cudagraphs 120 --method coop --backbone ViT-B-16 --compile reduce-overhead
 imagenet=(--method coop --backbone ViT-B-16 --classes 1000 --steps 2 --warmup 1 --rounds 1
           --set method.n_ctx=16 --set method.ctx_init=null --name-words 6)

@@ -67,6 +67,31 @@ def test_bench_reports_four_configurations_and_their_ratios(capsys):
     assert main(["bench", "--diagnostics-every", "0"]) == 2
 
 
+def test_batches_are_one_permutation_per_step_sent_to_the_device_a_block_at_a_time():
+    # The trainer's batches: the first `batch` of a fresh permutation per step, as drawn before, but
+    # sent in one non-blocking copy per block of steps (a blocking copy per step syncs a GPU with the
+    # host at every step). On the meta device a copy dispatches, so the copies can be counted.
+    from mlgate.training import batch_indices
+
+    drawn = list(batch_indices(torch.Generator().manual_seed(3), 20, 6, 130, torch.device("cpu")))
+    generator = torch.Generator().manual_seed(3)
+    assert len(drawn) == 130
+    for got in drawn:
+        torch.testing.assert_close(got, torch.randperm(20, generator=generator)[:6])
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+            return func(*args, **(kwargs or {}))
+
+    with Copies() as copies:
+        on_meta = list(batch_indices(torch.Generator().manual_seed(3), 20, 6, 130, torch.device("meta")))
+    assert len(on_meta) == 130 and {(t.device.type, tuple(t.shape)) for t in on_meta} == {("meta", (6,))}
+    assert copies.count == 3  # blocks of 64, 64 and 2 steps
+
+
 def test_the_bench_reference_encodes_every_prompt_in_one_pass(monkeypatch):
     # The reference trainers have no chunking: their text pass, and its memory, grows with the label
     # set. mlgate's chunks (here every 4 prompts; 256 by default).
