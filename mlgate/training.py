@@ -391,13 +391,13 @@ def train(spec: StudySpec, sink: Sink | None = None,
 
     history = MetricHistory()
     gate_steps: list[int] = []
-    gate_values: list[np.ndarray] = []
+    gate_values: list[torch.Tensor] = []  # kept on the device: a copy to the host each epoch would sync
 
     def record_gates(step: int) -> None:
         values = method.gate_values() if gates else None
         if values is not None:  # (input-dependent gates have values only after a forward)
             gate_steps.append(step)
-            gate_values.append(diagnostics.gate_values().detach().float().cpu().numpy())
+            gate_values.append(diagnostics.gate_values().detach().float().clone())
 
     def flush() -> None:
         rows = diagnostics.drain()
@@ -458,11 +458,11 @@ def train(spec: StudySpec, sink: Sink | None = None,
                         verdict=history.verdict(Thresholds(**spec.logging.verdict.model_dump()), spec.t_target))
 
 
-def _log_artifacts(sink: Sink, method: PromptMethod, gate_steps: list[int], gate_values: list[np.ndarray],
+def _log_artifacts(sink: Sink, method: PromptMethod, gate_steps: list[int], gate_values: list[torch.Tensor],
                    history: MetricHistory, gap_threshold: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if gate_values:
-            plots.gate_trajectory(Path(tmp) / "gates", gate_steps, gate_values)
+            plots.gate_trajectory(Path(tmp) / "gates", gate_steps, list(torch.stack(gate_values).cpu().numpy()))
         plots.trial_plots(Path(tmp) / "plots", history.series, history.steps, gap_threshold)
         method.save_artifacts(Path(tmp))
         if any(Path(tmp).iterdir()):

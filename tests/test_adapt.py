@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,6 +140,19 @@ def test_distillation_is_in_the_loss(clip):
     method(_images(clip), torch.arange(4))
     distill = method.regularizers()["distill"]
     assert distill.item() > 0 and distill.requires_grad
+
+
+def test_each_epochs_mask_snapshot_is_its_own(clip, tmp_path):
+    # Snapshots stay on the device until the artifacts are written (a host copy each epoch would
+    # sync with the GPU), each a copy of the masks as they were, not a view of the masks that prune on.
+    method = build_method(AdaptConfig(depth=2, max_len=4), clip, CLASSES)
+    method.on_epoch_end(3)
+    method.prune(5, 4)
+    method.on_epoch_end(6)
+    method.save_artifacts(tmp_path)
+    active = [int(np.load(tmp_path / "masks" / f"step_{step:06d}_text.npy").sum()
+                  + np.load(tmp_path / "masks" / f"step_{step:06d}_vision.npy").sum()) for step in (3, 6)]
+    assert active == [16, 11]
 
 
 def test_short_real_run_prunes_to_heterogeneous_lengths():

@@ -88,7 +88,9 @@ class Adapt(PromptMethod):
         self._active = 2 * self.depth * cfg.max_len
         self.schedule: PruningSchedule | None = None
         self.pruned: list[dict] = []  # the pruning log: which token, when, its score
-        self.snapshots: list[tuple[int, np.ndarray, np.ndarray]] = []
+        # (step, text mask, vision mask) at each epoch's end, on the device until the artifacts are
+        # written: a copy to the host each epoch would sync with the GPU there.
+        self.snapshots: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.compact: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._distill: torch.Tensor | None = None  # this step's distillation term
 
@@ -204,7 +206,10 @@ class Adapt(PromptMethod):
     # ---- artifacts and the final compact model --------------------------------------------------------
 
     def on_epoch_end(self, step: int) -> None:
-        self.snapshots.append((step, self.text_mask.cpu().numpy().copy(), self.vision_mask.cpu().numpy().copy()))
+        self.snapshots.append((step, self.text_mask.clone(), self.vision_mask.clone()))
+
+    def _host_snapshots(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        return [(step, text.cpu().numpy(), vision.cpu().numpy()) for step, text, vision in self.snapshots]
 
     def save_artifacts(self, folder: Path) -> None:
         import matplotlib
@@ -214,7 +219,7 @@ class Adapt(PromptMethod):
 
         masks = folder / "masks"
         masks.mkdir(parents=True, exist_ok=True)
-        for step, text, vision in self.snapshots:
+        for step, text, vision in self._host_snapshots():
             np.save(masks / f"step_{step:06d}_text.npy", text)
             np.save(masks / f"step_{step:06d}_vision.npy", vision)
             fig, axes = plt.subplots(1, 2, figsize=(8, 0.4 * self.depth + 1.2))
@@ -235,7 +240,7 @@ class Adapt(PromptMethod):
     def images(self) -> dict[str, list[tuple[int, np.ndarray]]]:
         from mlgate.plots import mask_image
 
-        return {"adapt_masks": [(step, mask_image(text, vision)) for step, text, vision in self.snapshots]}
+        return {"adapt_masks": [(step, mask_image(text, vision)) for step, text, vision in self._host_snapshots()]}
 
     @torch.no_grad()
     def finalize(self) -> dict[str, float]:
