@@ -194,14 +194,21 @@ class Adapt(PromptMethod):
         active = torch.cat([self.text_mask.flatten(), self.vision_mask.flatten()]).bool()
         scores = scores.masked_fill(~active, float("inf"))  # never prune a token twice
         order = torch.argsort(scores)[:n]
+        # One read of the choice and its scores, and one masking op per branch (not a read and a
+        # kernel per token).
+        chosen, chosen_scores = order.tolist(), scores[order].tolist()
         half = self.text_mask.numel()
-        for flat in order.tolist():
+        masked: dict[str, list[int]] = {"text": [], "vision": []}
+        for flat, score in zip(chosen, chosen_scores):
             branch, idx = ("text", flat) if flat < half else ("vision", flat - half)
             depth, slot = divmod(idx, self.cfg.max_len)
-            getattr(self, f"{branch}_mask")[depth, slot] = 0.0
-            self._active -= 1
-            self.pruned.append({"step": step, "branch": branch, "depth": depth, "slot": slot,
-                                "score": float(scores[flat])})
+            masked[branch].append(idx)
+            self.pruned.append({"step": step, "branch": branch, "depth": depth, "slot": slot, "score": score})
+        for branch, flat_ids in masked.items():
+            if flat_ids:  # in place: compiled steps read these buffers
+                mask = getattr(self, f"{branch}_mask")
+                mask.view(-1)[torch.tensor(flat_ids, device=mask.device)] = 0.0
+        self._active -= len(chosen)
 
     # ---- artifacts and the final compact model --------------------------------------------------------
 
