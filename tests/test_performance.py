@@ -92,6 +92,41 @@ def test_batches_are_one_permutation_per_step_sent_to_the_device_a_block_at_a_ti
     assert copies.count == 3  # blocks of 64, 64 and 2 steps
 
 
+@pytest.mark.parametrize("method", ["coop", "cocoop", "maple", "bimaple", "adaptive_bimaple", "adapt"])
+def test_a_training_step_reads_nothing_back_from_the_device(method, monkeypatch):
+    # A scalar read (.item(), float(t), int(t), `if t:`) or an op whose output size depends on the
+    # data (nonzero, masked_select) waits for the GPU: inside a step it keeps the host from queueing
+    # the next one. Counted where they dispatch, so the CPU sees them too: none in any method's step,
+    # with diagnostics recorded and ADAPT pruning (its prune steps included).
+    import mlgate.training as training
+
+    syncing = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero"}
+
+    class Reads(TorchDispatchMode):
+        seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in syncing:
+                self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    step = training.optimization_step
+
+    def watched(*args, **kwargs):
+        with Reads():
+            step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "optimization_step", watched)
+    sections = {"method": {"name": method}, "train": {"steps": 8, "eval_interval": 8}, "logging": {"diagnostics_every": 2}}
+    if method == "adapt":
+        sections["method"].update({"t_target": 30, "max_len": 8})
+    outcome = train(StudySpec.model_validate(deep_update(TINY, sections)))
+    assert len(outcome.history["loss/total"]) == 4
+    if method == "adapt":
+        assert outcome.final["mask/active_tokens"] < 48  # it pruned inside the watched steps
+    assert Reads.seen == []
+
+
 def test_the_bench_reference_encodes_every_prompt_in_one_pass(monkeypatch):
     # The reference trainers have no chunking: their text pass, and its memory, grows with the label
     # set. mlgate's chunks (here every 4 prompts; 256 by default).
