@@ -127,6 +127,30 @@ def test_a_training_step_reads_nothing_back_from_the_device(method, monkeypatch)
     assert Reads.seen == []
 
 
+def test_a_constant_gate_temperature_costs_no_op_per_step():
+    # The trainer sets the temperature every step; only a new value reaches the device (a kernel
+    # launch a step on a GPU otherwise), and the forward reads what was set.
+    from mlgate.describe import method_config
+    from mlgate.methods import build_method
+
+    coop = build_method(method_config("coop", []), load_backbone("mlgate-tiny", "mlgate"),
+                        ["cat", "dog"])
+
+    class Ops(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        for value in (1.0, 1.0, 0.5, 0.5, 0.5):
+            coop.gate_temperature = value
+    assert ops.count == 1 and coop.gate_temperature.item() == 0.5
+    logits = torch.tensor([0.3, -1.2])
+    torch.testing.assert_close(coop.gate_activation(logits), torch.sigmoid(logits / 0.5))
+
+
 def test_the_bench_reference_encodes_every_prompt_in_one_pass(monkeypatch):
     # The reference trainers have no chunking: their text pass, and its memory, grows with the label
     # set. mlgate's chunks (here every 4 prompts; 256 by default).

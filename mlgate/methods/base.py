@@ -86,6 +86,7 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
         # rather than recompiling for every value an annealing schedule takes.
         device = clip.text.token_embedding.weight.device
         self.register_buffer("_gate_temperature", torch.ones((), device=device), persistent=False)
+        self._gate_temperature_value = 1.0  # what it holds, read on the host
 
     @property
     def gate_temperature(self) -> torch.Tensor:
@@ -94,7 +95,9 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
 
     @gate_temperature.setter
     def gate_temperature(self, value: float) -> None:
-        self._gate_temperature.fill_(value)
+        if value != self._gate_temperature_value:  # a constant temperature costs no kernel per step
+            self._gate_temperature.fill_(value)
+            self._gate_temperature_value = value
 
     def gate_activation(self, logits: torch.Tensor) -> torch.Tensor:
         """Gate values σ(g/T) of gate logits."""
