@@ -1,7 +1,7 @@
 """Datasets on disk: the CoOp/Dassl layout with ``split_zhou_*.json`` files (FGVC-Aircraft with its
 text splits), ImageNet's CoOp folder layout, and any ImageFolder. Every reader returns a :class:`Listing`.
 
-Images are loaded lazily (an :class:`ImageSet` reads a batch of files when indexed), resized on the
+Images are loaded lazily (an :class:`ImageSet` reads a batch of files when indexed, in parallel threads), resized on the
 short side and centre-cropped to the backbone's size with its normalization, as the references test.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,19 +72,49 @@ def clean_classname(name: str) -> str:
     return EUROSAT_NAMES.get(name, name).replace("_", " ").strip()
 
 
+_LOADERS: ThreadPoolExecutor | None = None
+
+
+def _loaders() -> ThreadPoolExecutor:
+    # Threads, not processes: PIL decodes and resizes with the GIL released, so a batch's files load
+    # in parallel with no pickling, and no forked copy of a process that holds a CUDA context.
+    global _LOADERS
+    if _LOADERS is None:
+        _LOADERS = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="mlgate-images")
+    return _LOADERS
+
+
+class PendingBatch:
+    """A batch of image files loading in the background (:meth:`ImageSet.fetch`)."""
+
+    def __init__(self, loads: list[Future], device: torch.device, size: int) -> None:
+        self._loads, self._device, self._size = loads, device, size
+
+    def result(self) -> torch.Tensor:
+        """The normalized batch on the set's device (the copy to a GPU does not wait for it)."""
+        if not self._loads:
+            return torch.empty(0, 3, self._size, self._size, device=self._device)
+        batch = torch.stack([load.result() for load in self._loads])
+        if self._device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self._device, non_blocking=True)
+
+
 class ImageSet:
-    """Image files read on demand: ``images[idx]`` (a slice, or an index tensor) is a normalized batch.
+    """Image files read on demand: ``images[idx]`` (a slice, or an index tensor) is a normalized batch,
+    its files loaded in parallel; :meth:`fetch` starts the loading and returns before it is done.
 
     Test-time preprocessing: short-side resize and centre crop. With ``augment`` (training), the
     references' augmentation instead: a random resized crop (scale 0.08–1, aspect 3/4–4/3) and a random
-    horizontal flip, drawn from a seeded generator.
+    horizontal flip, each image drawn from a generator seeded by ``seed`` and the number of the draw
+    (images drawn from this set so far), so the crops do not depend on which thread loads what.
     """
 
     def __init__(self, paths: list[Path], norm: ImageNorm, device: torch.device | str = "cpu",
                  augment: bool = False, seed: int = 0) -> None:
         self.paths, self.norm, self.device = list(paths), norm, torch.device(device)
         self.augment, self.seed = augment, seed
-        self._rng = np.random.default_rng(seed)
+        self._draws = 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -90,7 +122,7 @@ class ImageSet:
     def fingerprint(self) -> str:
         """Identifies the pixels: the files (path, size, mtime) and the preprocessing (for augmented
         views, the seed of their crops and flips: a fresh set's first pass over its files)."""
-        view = ("augment", self.seed) if self.augment else ("center",)
+        view = ("augment", self.seed, "per-draw") if self.augment else ("center",)
         h = hashlib.sha1(repr((self.norm.size, self.norm.mean, self.norm.std, view)).encode())
         for p in self.paths:
             st = p.stat()
@@ -109,13 +141,17 @@ class ImageSet:
         return ImageSet(self.paths, self.norm, self.device, True, seed)
 
     def __getitem__(self, idx: Any) -> torch.Tensor:
+        return self.fetch(idx).result()
+
+    def fetch(self, idx: Any) -> PendingBatch:
+        """Start loading ``self[idx]`` (a slice, or host indices) in the background."""
         if isinstance(idx, slice):
             chosen = self.paths[idx]
         else:
             chosen = [self.paths[i] for i in torch.as_tensor(idx).reshape(-1).tolist()]
-        if not chosen:
-            return torch.empty(0, 3, self.norm.size, self.norm.size, device=self.device)
-        return torch.stack([self._load(p) for p in chosen]).to(self.device)
+        first, self._draws = self._draws, self._draws + len(chosen)
+        loads = [_loaders().submit(self._load, path, first + i) for i, path in enumerate(chosen)]
+        return PendingBatch(loads, self.device, self.norm.size)
 
     def _center(self, im):
         from PIL import Image
@@ -127,22 +163,26 @@ class ImageSet:
         left, top = (w - self.norm.size) // 2, (h - self.norm.size) // 2
         return im.crop((left, top, left + self.norm.size, top + self.norm.size))
 
-    def _random_resized_crop(self, im):
+    def _random_resized_crop(self, im, rng: np.random.Generator):
         from PIL import Image
 
-        box = _crop_box(*im.size, self._rng)
+        box = _crop_box(*im.size, rng)
         if box is None:
             return self._center(im)
         return im.crop(box).resize((self.norm.size, self.norm.size), Image.BICUBIC)
 
-    def _load(self, path: Path) -> torch.Tensor:
+    def _load(self, path: Path, draw: int) -> torch.Tensor:
         from PIL import Image
 
         try:
             with Image.open(path) as im:
-                im = self._random_resized_crop(im.convert("RGB")) if self.augment else self._center(im.convert("RGB"))
-                if self.augment and self._rng.random() < 0.5:
-                    im = im.transpose(Image.FLIP_LEFT_RIGHT)
+                if self.augment:
+                    rng = np.random.default_rng((self.seed, draw))
+                    im = self._random_resized_crop(im.convert("RGB"), rng)
+                    if rng.random() < 0.5:
+                        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+                else:
+                    im = self._center(im.convert("RGB"))
                 x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
         except OSError as exc:
             raise MlgateError(f"data: cannot read image {path} ({exc}).") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
 import os
 import random
@@ -26,7 +27,7 @@ from mlgate.clip import PromptedCLIP, load_backbone
 from mlgate.describe import inference_gflops
 from mlgate.data import FewShotData, Split, cache_root, load_dataset
 from mlgate.errors import MlgateError
-from mlgate.folders import ImageSet
+from mlgate.folders import ImageSet, PendingBatch
 from mlgate.diagnostics import Diagnostics, binary_entropy
 from mlgate.methods import PromptMethod, build_method
 from mlgate.spec import PhasesSpec, StudySpec, TemperatureSpec, TrainSpec
@@ -246,6 +247,23 @@ def batch_indices(generator: torch.Generator, pool: int, batch: int, steps: int,
         yield from drawn.to(device, non_blocking=True)
 
 
+def step_batches(split: Split, indices: Iterator[torch.Tensor], device: torch.device
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each step's (images, labels) from ``split`` at ``indices`` (from :func:`batch_indices`, on the
+    host for a split of image files, on ``device`` otherwise). Image files load one step ahead:
+    the next batch's files decode in background threads while this one trains."""
+    if not isinstance(split.images, ImageSet):
+        for idx in indices:
+            yield split.images[idx], split.labels[idx]
+        return
+    ahead: tuple[PendingBatch, torch.Tensor] | None = None
+    for idx in itertools.chain(indices, [None]):
+        fetched = None if idx is None else (split.images.fetch(idx), idx)
+        if ahead is not None:
+            yield ahead[0].result(), split.labels[ahead[1].to(device, non_blocking=True)]
+        ahead = fetched
+
+
 def classification_loss(method: PromptMethod, inputs: torch.Tensor, class_ids: torch.Tensor,
                         targets: torch.Tensor, bf16: bool) -> torch.Tensor:
     """Cross-entropy of ``method``'s logits over ``class_ids``: the forward part of a step (what
@@ -418,7 +436,9 @@ def train(spec: StudySpec, sink: Sink | None = None,
     if cfg.compile:
         torch.compiler.reset()  # earlier trials' graphs go (their kernels stay in the on-disk cache)
     train_split = splits["train"]
-    batches = batch_indices(generator, len(train_split), cfg.batch_size, steps, device)
+    files = isinstance(train_split.images, ImageSet)  # (their batches are drawn on the host, to read them)
+    batches = step_batches(train_split, batch_indices(generator, len(train_split), cfg.batch_size, steps,
+                                                      torch.device("cpu") if files else device), device)
     try:
         for step in range(1, steps + 1):
             interrupts.check()  # a signal that landed in a finalizer (GC) and was dropped by Python
@@ -426,10 +446,9 @@ def train(spec: StudySpec, sink: Sink | None = None,
             for group in optimizer.param_groups:
                 group["lr"] = (cfg.schedule.warmup_lr if factor is None
                                else cfg.optimizer.lr * group["lr_mult"] * factor)
-            idx = next(batches)
+            images, labels = next(batches)
             diagnose = step % spec.logging.diagnostics_every == 0 or step == steps
-            optimization_step(method, optimizer, groups, cfg, train_split.images[idx],
-                              target_of[train_split.labels[idx]], base_ids, step, steps,
+            optimization_step(method, optimizer, groups, cfg, images, target_of[labels], base_ids, step, steps,
                               diagnostics if diagnose else None)
 
             if step % steps_per_epoch == 0 or step == steps:

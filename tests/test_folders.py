@@ -125,6 +125,27 @@ def test_training_augmentation_varies_views_and_is_seeded(eurosat_root):
     assert first.shape == plain[0:4].shape
 
 
+def test_image_files_load_one_step_ahead_with_the_crops_of_direct_reads(eurosat_root):
+    # Training reads image files in background threads, the next step's batch while this one trains.
+    # The crops and flips come from (seed, number of the draw), so they are those of reading the same
+    # batches one by one, whichever thread loads which file; the labels follow the indices.
+    from mlgate.data import Split
+    from mlgate.training import batch_indices, step_batches
+
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    train_split = load_dataset("eurosat", 4, 1, clip.image_norm, root=str(eurosat_root)).train
+    augmented = Split(train_split.images.augmented(seed=5), train_split.labels)
+    indices = list(batch_indices(torch.Generator().manual_seed(0), len(augmented), 6, 4, torch.device("cpu")))
+    batches = step_batches(augmented, iter(indices), torch.device("cpu"))
+    first = next(batches)
+    assert augmented.images._draws == 12  # the second step's batch is already loading
+    direct = train_split.images.augmented(seed=5)
+    for idx, (images, labels) in zip(indices, [first, *batches], strict=True):
+        torch.testing.assert_close(images, direct[idx])
+        torch.testing.assert_close(labels, train_split.labels[idx])
+    assert not torch.allclose(first[0], train_split.images[indices[0]])  # augmented, not the test view
+
+
 def test_fgvc_aircraft_text_splits(tmp_path, capsys):
     base = tmp_path / "fgvc_aircraft"
     variants = ["707-320", "A300B4", "Cessna 172"]
