@@ -247,12 +247,14 @@ def batch_indices(generator: torch.Generator, pool: int, batch: int, steps: int,
         yield from drawn.to(device, non_blocking=True)
 
 
-def step_batches(split: Split, indices: Iterator[torch.Tensor], device: torch.device
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def step_batches(split: Split, indices: Iterator[torch.Tensor], device: torch.device,
+                 ahead: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Each step's (images, labels) from ``split`` at ``indices`` (from :func:`batch_indices`, on the
-    host for a split of image files, on ``device`` otherwise). Image files load one step ahead:
-    the next batch's files decode in background threads while this one trains."""
-    if not isinstance(split.images, ImageSet):
+    host for a split of image files, on ``device`` otherwise). Image files load in parallel threads,
+    and, ``ahead`` (by default for a GPU), one step ahead: the next batch's files decode while this
+    one trains. (On the CPU the cores that would decode are the ones training: loading beside a step
+    slowed it by as much as it saved.)"""
+    if not isinstance(split.images, ImageSet) or not (device.type == "cuda" if ahead is None else ahead):
         for idx in indices:
             yield split.images[idx], split.labels[idx]
         return

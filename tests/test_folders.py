@@ -126,7 +126,8 @@ def test_training_augmentation_varies_views_and_is_seeded(eurosat_root):
 
 
 def test_image_files_load_one_step_ahead_with_the_crops_of_direct_reads(eurosat_root):
-    # Training reads image files in background threads, the next step's batch while this one trains.
+    # Training reads image files in parallel threads and, for a GPU, the next step's batch while this
+    # one trains.
     # The crops and flips come from (seed, number of the draw), so they are those of reading the same
     # batches one by one, whichever thread loads which file; the labels follow the indices.
     from mlgate.data import Split
@@ -136,7 +137,7 @@ def test_image_files_load_one_step_ahead_with_the_crops_of_direct_reads(eurosat_
     train_split = load_dataset("eurosat", 4, 1, clip.image_norm, root=str(eurosat_root)).train
     augmented = Split(train_split.images.augmented(seed=5), train_split.labels)
     indices = list(batch_indices(torch.Generator().manual_seed(0), len(augmented), 6, 4, torch.device("cpu")))
-    batches = step_batches(augmented, iter(indices), torch.device("cpu"))
+    batches = step_batches(augmented, iter(indices), torch.device("cpu"), ahead=True)  # (a GPU's default)
     first = next(batches)
     assert augmented.images._draws == 12  # the second step's batch is already loading
     direct = train_split.images.augmented(seed=5)
@@ -144,6 +145,9 @@ def test_image_files_load_one_step_ahead_with_the_crops_of_direct_reads(eurosat_
         torch.testing.assert_close(images, direct[idx])
         torch.testing.assert_close(labels, train_split.labels[idx])
     assert not torch.allclose(first[0], train_split.images[indices[0]])  # augmented, not the test view
+    on_cpu = Split(train_split.images.augmented(seed=5), train_split.labels)
+    next(step_batches(on_cpu, iter(indices), torch.device("cpu")))
+    assert on_cpu.images._draws == 6  # on the CPU, no batch loads beside a training step
 
 
 def test_fgvc_aircraft_text_splits(tmp_path, capsys):
