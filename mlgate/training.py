@@ -15,7 +15,7 @@ import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -174,11 +174,13 @@ def accuracy(method: PromptMethod, split: Split, classes: list[int], batch: int 
         return float("nan")
     device = split.labels.device
     class_ids = torch.tensor(classes, device=device)
-    correct = 0
-    for i in range(0, len(split), batch):
-        logits = method(split.images[i : i + batch].to(device), class_ids)
-        correct += int((class_ids[logits.argmax(-1)] == split.labels[i : i + batch]).sum())
-    return 100.0 * correct / len(split)
+    correct = torch.zeros((), dtype=torch.long, device=device)  # read once at the end: no sync per batch
+    starts = range(0, len(split), batch)
+    images = read_ahead(split.images, (slice(i, i + batch) for i in starts), ahead=device.type == "cuda")
+    for i, x in zip(starts, images):
+        logits = method(x.to(device), class_ids)
+        correct += (class_ids[logits.argmax(-1)] == split.labels[i : i + batch]).sum()
+    return 100.0 * int(correct) / len(split)
 
 
 def evaluate(method: PromptMethod, data: FewShotData, splits: dict[str, Split]) -> dict[str, float]:
@@ -247,6 +249,20 @@ def batch_indices(generator: torch.Generator, pool: int, batch: int, steps: int,
         yield from drawn.to(device, non_blocking=True)
 
 
+def read_ahead(images: torch.Tensor | ImageSet, keys: Iterable[Any], ahead: bool) -> Iterator[torch.Tensor]:
+    """``images[key]`` for each key. For image files with ``ahead``, the next key's files load (in
+    background threads) before this batch is handed over, so they decode while the caller uses it."""
+    if not (ahead and isinstance(images, ImageSet)):
+        yield from (images[key] for key in keys)
+        return
+    pending: PendingBatch | None = None
+    for key in itertools.chain(keys, [None]):
+        following = None if key is None else images.fetch(key)
+        if pending is not None:
+            yield pending.result()
+        pending = following
+
+
 def step_batches(split: Split, indices: Iterator[torch.Tensor], device: torch.device,
                  ahead: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Each step's (images, labels) from ``split`` at ``indices`` (from :func:`batch_indices`, on the
@@ -254,16 +270,10 @@ def step_batches(split: Split, indices: Iterator[torch.Tensor], device: torch.de
     and, ``ahead`` (by default for a GPU), one step ahead: the next batch's files decode while this
     one trains. (On the CPU the cores that would decode are the ones training: loading beside a step
     slowed it by as much as it saved.)"""
-    if not isinstance(split.images, ImageSet) or not (device.type == "cuda" if ahead is None else ahead):
-        for idx in indices:
-            yield split.images[idx], split.labels[idx]
-        return
-    ahead: tuple[PendingBatch, torch.Tensor] | None = None
-    for idx in itertools.chain(indices, [None]):
-        fetched = None if idx is None else (split.images.fetch(idx), idx)
-        if ahead is not None:
-            yield ahead[0].result(), split.labels[ahead[1].to(device, non_blocking=True)]
-        ahead = fetched
+    for_images, for_labels = itertools.tee(indices)
+    batches = read_ahead(split.images, for_images, device.type == "cuda" if ahead is None else ahead)
+    for images, idx in zip(batches, for_labels):
+        yield images, split.labels[idx.to(split.labels.device, non_blocking=True)]
 
 
 def classification_loss(method: PromptMethod, inputs: torch.Tensor, class_ids: torch.Tensor,
