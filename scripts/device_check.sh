@@ -10,7 +10,8 @@
 #     its host time), then that day's other rows again (coop eager, adapt with CUDA graphs), the
 #     other methods eager, the embedded backbone, coop compiled in the default mode;
 #   - CoOp on ImageNet-1k's 1,000 classes at batch 32 within 16 GB, and the reference at batch 1;
-#   - where the step's time goes (scripts/profile_step.py), eager and with CUDA graphs.
+#   - where the step's time goes (scripts/profile_step.py), eager and with CUDA graphs;
+#   - a whole MaPLe trial on JPEG files (scripts/image_trial.py).
 # Usage: device_check.sh [quick | NAME...]   (quick: one method, fewer steps, to check the setup;
 # NAMEs: only those benches, e.g. coop_vitb16 cocoop_vitb16). Results: device-results/, and all of
 # them in one archive, $OUT/device-results.tgz (the device tool returns at most 8 files).
@@ -48,6 +49,13 @@ profile() {  # name, time limit (s), then scripts/profile_step.py arguments
   timeout "$limit" "$py" scripts/profile_step.py --device "${MLGATE_BENCH_DEVICE:-cuda}" "$@" > "$out/$name.txt" 2>&1
   echo "$name: exit $?"; grep -m1 "ms/step" "$out/$name.txt"
 }
+image_trial() {  # name, time limit (s), then scripts/image_trial.py arguments
+  local name="$1" limit
+  wanted "$1" "$2" || return 0; shift 2
+  timeout "$limit" "$py" scripts/image_trial.py --device "${MLGATE_BENCH_DEVICE:-cuda}" --root /tmp/image-trial-data \
+    "$@" > "$out/$name.txt" 2>&1
+  echo "$name: exit $?"; grep -m1 "a trial" "$out/$name.txt"
+}
 configs=reference,mlgate,mlgate_diagnostics,mlgate_logging
 "$py" -c "import mlflow" 2>/dev/null || configs=reference,mlgate,mlgate_diagnostics
 if [ "${1:-}" = quick ]; then
@@ -67,6 +75,9 @@ profile profile_coop_tiny_cudagraphs 90 --method coop --backbone mlgate-tiny --c
 bench coop_tiny_cudagraphs 90 --method coop --steps 100 --warmup 10 --rounds 3 --configs reference,mlgate --compile reduce-overhead
 bench coop_vitb16 75 --method coop "${vitb[@]}"
 bench adapt_vitb16_cudagraphs 150 --method adapt "${graphs[@]}"
+# A whole MaPLe trial on JPEG files (read in parallel, one step ahead): is a real dataset's trial
+# bound by decoding? (Its steps/s against the bench's maple_vitb16 row.)
+image_trial maple_vitb16_image_files 120 --method maple --backbone ViT-B-16 --steps 100
 profile profile_coop_vitb16_cudagraphs 120 --method coop --backbone ViT-B-16 --compile reduce-overhead
 imagenet=(--method coop --backbone ViT-B-16 --classes 1000 --steps 2 --warmup 1 --rounds 1
           --set method.n_ctx=16 --set method.ctx_init=null --name-words 6)
