@@ -1,8 +1,9 @@
 """Datasets on disk: the CoOp/Dassl layout with ``split_zhou_*.json`` files (FGVC-Aircraft with its
 text splits), ImageNet's CoOp folder layout, and any ImageFolder. Every reader returns a :class:`Listing`.
 
-Images are loaded lazily (an :class:`ImageSet` reads a batch of files when indexed, in parallel threads), resized on the
-short side and centre-cropped to the backbone's size with its normalization, as the references test.
+Images are loaded lazily (an :class:`ImageSet` reads a batch of files when indexed, in parallel
+threads), resized on the short side and centre-cropped to the backbone's size with its normalization,
+as the references test.
 """
 
 from __future__ import annotations
