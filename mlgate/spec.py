@@ -291,9 +291,10 @@ class TrainSpec(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
     compile: bool | Literal["default", "reduce-overhead"] = Field(
-        False, description="Compile the training forward and loss with torch.compile: the first step of a "
-        "trial waits for compilation (seconds when the kernels are in the on-disk cache, up to a minute "
-        "when not), every later step is faster. Pays on long trials; on the CPU it needs a C++ compiler. "
+        False, description="Compile the training forward and loss with torch.compile: a trial's first step "
+        "runs eagerly (keeping the frozen weights in bf16 for the compiled steps under autocast), the second "
+        "waits for compilation (seconds when the kernels are in the on-disk cache, up to a minute when not), "
+        "every later step is faster. Pays on long trials; on the CPU it needs a C++ compiler. "
         "true is torch.compile's default mode; 'reduce-overhead' also replays the compiled forward and "
         "backward as CUDA graphs (on CUDA; the same as true on the CPU), for steps whose time goes to "
         "launching kernels rather than running them (small prompts on a fast GPU: CoOp on ViT-B/16, "
