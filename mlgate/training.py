@@ -157,8 +157,9 @@ class FeatureCache:
         if path.is_file():
             features = torch.load(path, map_location=self.device, weights_only=True)
             return Split(features, split.labels.to(self.device))
-        feats = [self.clip.encode_image(split.images[i : i + self.batch].to(self.device)).float()
-                 for i in range(0, len(split), self.batch)]
+        chunks = (slice(i, i + self.batch) for i in range(0, len(split), self.batch))
+        feats = [self.clip.encode_image(images.to(self.device)).float()  # (files: the next chunk loads meanwhile)
+                 for images in read_ahead(split.images, chunks, ahead=self.device.type == "cuda")]
         features = torch.cat(feats) if feats else torch.empty(0, self.clip.model.visual.output_dim, device=self.device)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
