@@ -86,19 +86,17 @@ def _loaders() -> ThreadPoolExecutor:
 
 
 class PendingBatch:
-    """A batch of image files loading in the background (:meth:`ImageSet.fetch`)."""
+    """A batch of image files loading in the background (:meth:`ImageSet.fetch`), each file decoded
+    straight into its row of one host buffer (pinned for a GPU)."""
 
-    def __init__(self, loads: list[Future], device: torch.device, size: int) -> None:
-        self._loads, self._device, self._size = loads, device, size
+    def __init__(self, batch: torch.Tensor, loads: list[Future], device: torch.device) -> None:
+        self._batch, self._loads, self._device = batch, loads, device
 
     def result(self) -> torch.Tensor:
         """The normalized batch on the set's device (the copy to a GPU does not wait for it)."""
-        if not self._loads:
-            return torch.empty(0, 3, self._size, self._size, device=self._device)
-        batch = torch.stack([load.result() for load in self._loads])
-        if self._device.type == "cuda":
-            batch = batch.pin_memory()
-        return batch.to(self._device, non_blocking=True)
+        for load in self._loads:
+            load.result()  # (raises what a load raised)
+        return self._batch.to(self._device, non_blocking=True)
 
 
 class ImageSet:
@@ -151,8 +149,13 @@ class ImageSet:
         else:
             chosen = [self.paths[i] for i in torch.as_tensor(idx).reshape(-1).tolist()]
         first, self._draws = self._draws, self._draws + len(chosen)
-        loads = [_loaders().submit(self._load, path, first + i) for i, path in enumerate(chosen)]
-        return PendingBatch(loads, self.device, self.norm.size)
+        size = self.norm.size
+        batch = torch.empty(len(chosen), 3, size, size, pin_memory=self.device.type == "cuda")
+        loads = [_loaders().submit(self._load_into, batch[i], path, first + i) for i, path in enumerate(chosen)]
+        return PendingBatch(batch, loads, self.device)
+
+    def _load_into(self, row: torch.Tensor, path: Path, draw: int) -> None:
+        row.copy_(self._load(path, draw))
 
     def _center(self, im):
         from PIL import Image
