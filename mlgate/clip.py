@@ -143,7 +143,7 @@ class PromptedCLIP(nn.Module):
 
     def _encode_assembled(self, shared: torch.Tensor, own: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
         # The prompts of encode_text_shared_prefix assembled, (G × N, L, D), through the plain pass.
-        (groups, n_shared, width), n = shared.shape, own.shape[0]
+        groups, n = shared.shape[0], own.shape[0]
         prompts = torch.cat([shared.unsqueeze(1).expand(-1, n, -1, -1),
                              own.to(shared.dtype).unsqueeze(0).expand(groups, -1, -1, -1)], 2)
         return self.encode_text_embeddings(prompts.flatten(0, 1), eot_index.repeat(groups))
