@@ -344,18 +344,26 @@ class PromptedCLIP(nn.Module):
         # every query (no part in attention): (L, P + L), or None when every token takes part and there
         # is no base. Without a base (the image tower) it is one row, built once and expanded to every
         # query (three kernels a layer fewer than building the full mask, at every layer and step).
-        # ``active`` (K, P) gives K layers' masks at once, (K, L, P + L).
+        # ``active`` (K, P) gives K layers' masks at once, (K, L, P + L). Rows are padded to a multiple
+        # of 16 columns (the padding sliced off), so each layer's mask and each row starts on a 16-byte
+        # boundary: CUDA's attention kernels read masks in 16-byte words, and a layer's mask starting
+        # inside one faulted on an H200 (cuDNN attention, torch 2.11); aligned rows also spare the
+        # memory-efficient kernel its own padded copy of the mask at every call.
         if n_prompt == 0 or (active is None and base is None):
             return base
         lead = () if active is None else active.shape[:-1]
+        keys = n_prompt + length
+        padded = -(-keys // 16) * 16
         if base is None:
-            row = torch.zeros(*lead, 1, n_prompt + length, device=device, dtype=dtype)
+            row = torch.zeros(*lead, 1, padded, device=device, dtype=dtype)
             row[..., :n_prompt].masked_fill_((active == 0).unsqueeze(-2), float("-inf"))
-            return row.expand(*lead, length, -1)
-        prompt_cols = torch.zeros(*lead, 1, n_prompt, device=device, dtype=dtype)
+            return row[..., :keys].expand(*lead, length, -1)
+        # The prompt columns and the padding come from one zeroed block.
+        spare = torch.zeros(*lead, 1, n_prompt + padded - keys, device=device, dtype=dtype)
         if active is not None:
-            prompt_cols.masked_fill_((active == 0).unsqueeze(-2), float("-inf"))
-        return torch.cat([prompt_cols.expand(*lead, length, -1), base.to(dtype).expand(*lead, -1, -1)], dim=-1)
+            spare[..., :n_prompt].masked_fill_((active == 0).unsqueeze(-2), float("-inf"))
+        parts = [spare[..., :n_prompt], base.to(dtype), spare[..., n_prompt:]]
+        return torch.cat([part.expand(*lead, length, -1) for part in parts], dim=-1)[..., :keys]
 
     def _kv_masks(self, base: torch.Tensor | None, length: int, prompts: Sequence[torch.Tensor | None],
                   active: Sequence[torch.Tensor | None] | torch.Tensor | None, layers: int,

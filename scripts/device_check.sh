@@ -70,7 +70,9 @@ graphs=(--backbone ViT-B-16 --steps 30 --warmup 5 --rounds 3 --configs reference
 for method in coop cocoop maple adaptive_bimaple; do
   bench "${method}_vitb16_cudagraphs" 150 --method "$method" "${graphs[@]}"
 done
-bench coop_vitb16_cudagraphs_overheads 240 --method coop "${vitb[@]}" --compile reduce-overhead
+# A graphed step takes ~2.5 ms: 30-step passes (75 ms) are too short to resolve 2%, so longer ones.
+bench coop_vitb16_cudagraphs_overheads 240 --method coop --backbone ViT-B-16 --steps 200 --warmup 10 --rounds 5 \
+  --configs "$configs" --compile reduce-overhead
 profile profile_coop_tiny_cudagraphs 90 --method coop --backbone mlgate-tiny --compile reduce-overhead
 bench coop_tiny_cudagraphs 90 --method coop --steps 100 --warmup 10 --rounds 3 --configs reference,mlgate --compile reduce-overhead
 bench coop_vitb16 75 --method coop "${vitb[@]}"
