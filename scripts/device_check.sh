@@ -2,13 +2,11 @@
 # Issue 9's GPU checks in one run on the lent GPU machine, open questions first, each under its
 # own time limit and all within DEVICE_BUDGET_S seconds (default 420), so one slow bench cannot
 # take the others' time. Prepare the wheels first (scripts/device_wheels.sh) and carry .wheels.
-#   - ViT-B/16 speed-ups and GPU peak memory (bf16 autocast): first what 2026-11-27 left open (CoOp
-#     with CUDA graphs (train.compile: reduce-overhead) now that its graphs take the frozen bf16
-#     matrices as static inputs instead of casting them at every replay, CoCoOp since its packed
-#     groups are chunked by rows, MaPLe and AdaptiveBiMaPLe with CUDA graphs, the diagnostics and
-#     MLflow logging overheads under CUDA graphs, where the embedded backbone's graphed step spends
-#     its host time), then that day's other rows again (coop eager, adapt with CUDA graphs), the
-#     other methods eager, the embedded backbone, coop compiled in the default mode;
+#   - ViT-B/16 speed-ups and GPU peak memory (bf16 autocast): the README's GPU table first (CoOp,
+#     CoCoOp, MaPLe, AdaptiveBiMaPLe with CUDA graphs, i.e. train.compile: reduce-overhead; the
+#     diagnostics and MLflow logging overheads under CUDA graphs in 200-step passes; where the
+#     embedded backbone's graphed step spends its host time; coop eager; adapt with CUDA graphs),
+#     then the other methods eager, the embedded backbone, coop compiled in the default mode;
 #   - CoOp on ImageNet-1k's 1,000 classes at batch 32 within 16 GB, and the reference at batch 1;
 #   - where the step's time goes (scripts/profile_step.py), eager and with CUDA graphs;
 #   - a whole MaPLe trial on JPEG files (scripts/image_trial.py).
