@@ -182,17 +182,15 @@ class PromptedCLIP(nn.Module):
         return self._text_output(packed.reshape(-1, 1, packed.shape[-1]))
 
     def _packed_mask(self, n: int, own: int, n_shared: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        # The additive (T, T) mask of _encode_packed, built once per shape (a trial asks for one). Its rows
-        # are laid out 16 elements apart: CUDA's memory-efficient attention takes such a mask as it is,
-        # and pads (copies) any other at every call.
+        # The additive (T, T) mask of _encode_packed, built once per shape (a trial asks for one), its
+        # rows 16 elements apart (_aligned_zeros).
         def build() -> torch.Tensor:
             position = torch.arange(n_shared + n * own, device=device)
             prompt = torch.cat([torch.full((n_shared,), -1, device=device),
                                 torch.arange(n, device=device).repeat_interleave(own)])  # -1: shared
             visible = (position[None] <= position[:, None]) & ((prompt[None] == -1) | (prompt[None] == prompt[:, None]))
             length = len(position)
-            aligned = torch.zeros(length, -(-length // 16) * 16, device=device, dtype=dtype)[:, :length]
-            return aligned.masked_fill_(~visible, float("-inf"))
+            return _aligned_zeros(length, length, device=device, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
         if torch.compiler.is_compiling():
             # Traced into the compiled step instead (a few fused kernels): a tensor made by a CUDA graph
@@ -344,26 +342,19 @@ class PromptedCLIP(nn.Module):
         # every query (no part in attention): (L, P + L), or None when every token takes part and there
         # is no base. Without a base (the image tower) it is one row, built once and expanded to every
         # query (three kernels a layer fewer than building the full mask, at every layer and step).
-        # ``active`` (K, P) gives K layers' masks at once, (K, L, P + L). Rows are padded to a multiple
-        # of 16 columns (the padding sliced off), so each layer's mask and each row starts on a 16-byte
-        # boundary: CUDA's attention kernels read masks in 16-byte words, and a layer's mask starting
-        # inside one faulted on an H200 (cuDNN attention, torch 2.11); aligned rows also spare the
-        # memory-efficient kernel its own padded copy of the mask at every call.
+        # ``active`` (K, P) gives K layers' masks at once, (K, L, P + L), each starting on a 16-byte
+        # boundary (_aligned_zeros): a layer's mask starting inside a 16-byte word, as views into one
+        # (K, ...) tensor do unpadded, faulted in the H200's attention kernels (cuDNN, torch 2.11).
         if n_prompt == 0 or (active is None and base is None):
             return base
         lead = () if active is None else active.shape[:-1]
         keys = n_prompt + length
-        padded = -(-keys // 16) * 16
-        if base is None:
-            row = torch.zeros(*lead, 1, padded, device=device, dtype=dtype)
-            row[..., :n_prompt].masked_fill_((active == 0).unsqueeze(-2), float("-inf"))
-            return row[..., :keys].expand(*lead, length, -1)
-        # The prompt columns and the padding come from one zeroed block.
-        spare = torch.zeros(*lead, 1, n_prompt + padded - keys, device=device, dtype=dtype)
+        mask = _aligned_zeros(*lead, 1 if base is None else length, keys, device=device, dtype=dtype)
+        if base is not None:
+            mask[..., n_prompt:] = base
         if active is not None:
-            spare[..., :n_prompt].masked_fill_((active == 0).unsqueeze(-2), float("-inf"))
-        parts = [spare[..., :n_prompt], base.to(dtype), spare[..., n_prompt:]]
-        return torch.cat([part.expand(*lead, length, -1) for part in parts], dim=-1)[..., :keys]
+            mask[..., :n_prompt].masked_fill_((active == 0).unsqueeze(-2), float("-inf"))
+        return mask.expand(*lead, length, -1)
 
     def _kv_masks(self, base: torch.Tensor | None, length: int, prompts: Sequence[torch.Tensor | None],
                   active: Sequence[torch.Tensor | None] | torch.Tensor | None, layers: int,
@@ -379,7 +370,6 @@ class PromptedCLIP(nn.Module):
         if sizes[:k] != [p] * k:
             raise ValueError(f"an active mask of {k} × {p} tokens needs P = {p} prompt tokens at layers 0..{k - 1}, "
                              f"not {sizes[:k]}")
-        base = None if base is None else base.to(dtype)
         return [*self._kv_mask(base, length, p, active, device, dtype),
                 *(self._kv_mask(base, length, n, None, device, dtype) for n in sizes[k:])]
 
@@ -695,6 +685,14 @@ def _row_mask(mask: torch.Tensor | None, causal: bool, rows: torch.Tensor, lengt
     later = torch.arange(length, device=rows.device) > rows.unsqueeze(-1)
     later = F.pad(later, (keys - length, 0))  # a key/value prefix is visible to every row
     return torch.zeros(later.shape, dtype=dtype, device=rows.device).masked_fill(later, float("-inf")).unsqueeze(1)
+
+
+def _aligned_zeros(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Zeros for an attention mask, their rows 16 elements apart (the last dimension padded, the padding
+    # sliced off): each row, and each mask of a stack, starts on a 16-byte boundary. CUDA's attention
+    # kernels read masks in 16-byte words (not all check where a view starts), and the memory-efficient
+    # one pads (copies) any other mask at every call.
+    return torch.zeros(*shape[:-1], -(-shape[-1] // 16) * 16, device=device, dtype=dtype)[..., : shape[-1]]
 
 
 def _causal(x: torch.Tensor) -> torch.Tensor:
