@@ -195,7 +195,7 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
     def mlgate_step(diagnose: bool, sink=None):
         m, opt, groups = fresh()
         m.train()
-        diag = (Diagnostics(groups.get("prompt", []), groups.get("gate", []), m.gate_values, m.metrics)
+        diag = (Diagnostics(groups.get("prompt", []), groups.get("gate", []), m.gate_states, m.metrics)
                 if diagnose else None)
 
         drawn = batch_indices(torch.Generator().manual_seed(0), pool, batch, total, dev)  # as the trainer draws

@@ -45,7 +45,13 @@ def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 GATE_KEYS = ("grad/gate_norm", "grad/gap_log10", "grad/gate_cancellation", "gate/mean", "gate/min", "gate/max",
-             "gate/drift", "gate/batch_std", "gate/effective_length", "gate/entropy")
+             "gate/drift", "gate/effective_length", "gate/entropy")
+
+
+def input_spread(values: torch.Tensor) -> torch.Tensor:
+    """Mean over gates of the std of the activations across inputs, of (N, G) per-input gate values:
+    how much the gates depend on the input (``gate/batch_std``, ``gate/input_std``)."""
+    return values.float().std(0).mean()
 
 
 @dataclass
@@ -57,7 +63,7 @@ class _Step:
     losses: torch.Tensor | None  # (n_losses,)
     prompt_norm: torch.Tensor  # ()
     gate_grad: torch.Tensor | None  # (G,), a copy (clipping later scales the gradients in place)
-    gate_values: torch.Tensor | None  # (G,), or (B, G) for input-dependent gates
+    gate_values: torch.Tensor | None  # σ(g): (G,), or (B, G) for input-dependent gates
     reg_gate_grads: torch.Tensor | None  # (n_regularizers, G)
     extra_keys: tuple[str, ...]
     extra: torch.Tensor | None  # (n_extra,)
@@ -68,8 +74,8 @@ class _Step:
                 None if self.reg_gate_grads is None else self.reg_gate_grads.shape[0])
 
 
-def _gate_columns(steps: list[_Step], gate_init: torch.Tensor) -> torch.Tensor:
-    # (K, len(GATE_KEYS)): the gate metrics of K steps, computed together.
+def _gate_columns(steps: list[_Step], gate_init: torch.Tensor) -> tuple[tuple[str, ...], torch.Tensor]:
+    # The gate metrics of K steps, computed together: their keys and a (K, len(keys)) table.
     prompt_norm = torch.stack([s.prompt_norm for s in steps])
     grad = torch.stack([s.gate_grad for s in steps])  # (K, G)
     gate_norm = torch.linalg.vector_norm(grad, dim=-1)
@@ -82,44 +88,51 @@ def _gate_columns(steps: list[_Step], gate_init: torch.Tensor) -> torch.Tensor:
         cancel = torch.zeros_like(gate_norm)
     values = torch.stack([s.gate_values for s in steps])  # (K, G) or (K, B, G)
     act = values.mean(1) if values.dim() == 3 else values
-    # Input dependence: std across the batch, averaged over gates (0 for static gates).
-    batch_std = values.std(1).mean(-1) if values.dim() == 3 and values.shape[1] > 1 else torch.zeros_like(gate_norm)
-    return torch.stack([
+    columns = [
         gate_norm,
         torch.log10(prompt_norm.clamp_min(_EPS) / gate_norm.clamp_min(_EPS)),
         cancel,
         act.mean(-1), act.amin(-1), act.amax(-1),
         (act - gate_init).abs().amax(-1),
-        batch_std,
         act.sum(-1),
         binary_entropy(act).mean(-1),
-    ], dim=1).float()
+    ]
+    keys = GATE_KEYS
+    if values.dim() == 3 and values.shape[1] > 1:  # input-dependent gates, two inputs or more
+        columns.append(values.float().std(1).mean(-1))
+        keys += ("gate/batch_std",)
+    return keys, torch.stack(columns, dim=1).float()
 
 
 class Diagnostics:
     """Records ``loss/*``, ``grad/*`` and ``gate/*`` metrics for one model.
 
-    ``prompt_params`` and ``gate_params`` are the parameter groups. ``gate_values()`` returns the gate
-    activations, flat (G,) or per input (B, G); by default σ of the gate parameters. ``extra_metrics()``
-    adds model-specific metrics (per-depth gate values, ADAPT's mask lengths, say). ``record`` is called after ``backward()``
-    and before the optimizer step.
+    ``prompt_params`` and ``gate_params`` are the parameter groups. ``gate_values()`` returns the gates'
+    activations σ(g) (the temperature left out), flat (G,) or per input (B, G); by default σ of the gate
+    parameters. ``gate_init`` is what ``gate/drift`` measures from: by default the gate values at
+    construction (input-dependent gates must be given theirs: the mean over inputs at init).
+    ``extra_metrics()`` adds model-specific metrics (per-depth gate values, ADAPT's mask lengths, say).
+    ``record`` is called after ``backward()`` and before the optimizer step.
     """
 
     def __init__(self, prompt_params: Sequence[nn.Parameter], gate_params: Sequence[nn.Parameter] = (),
                  gate_values: Callable[[], torch.Tensor | None] | None = None,
-                 extra_metrics: Callable[[], dict[str, torch.Tensor]] | None = None) -> None:
+                 extra_metrics: Callable[[], dict[str, torch.Tensor]] | None = None,
+                 gate_init: torch.Tensor | None = None) -> None:
         self.prompt_params = list(prompt_params)
         self.gate_params = list(gate_params)
         self._gate_values = gate_values or (lambda: _flat([torch.sigmoid(p) for p in self.gate_params]))
         self._extra_metrics = extra_metrics or dict
-        self.gate_init: torch.Tensor | None = None
-        if self.gate_params:
+        self.gate_init = None if gate_init is None else gate_init.detach().clone()
+        if self.gate_params and self.gate_init is None:
             init = self._gate_values()
-            self.gate_init = None if init is None or init.dim() > 1 else init.detach().clone()
+            if init is not None and init.dim() > 1:
+                raise ValueError("input-dependent gates need their gate_init (the mean over inputs at init)")
+            self.gate_init = None if init is None else init.detach().clone()
         self._queue: list[_Step] = []
 
     def gate_values(self) -> torch.Tensor:
-        """Gate activations, flat (G,) — averaged over the batch for input-dependent gates."""
+        """Gate activations σ(g), flat (G,): averaged over the batch for input-dependent gates."""
         values = self._gate_values()
         return values.mean(0) if values.dim() > 1 else values
 
@@ -149,8 +162,6 @@ class Diagnostics:
         if self.gate_params:
             gate_grad = _flat([torch.zeros_like(p) if p.grad is None else p.grad for p in self.gate_params]).clone()
             values = self._gate_values().detach()
-            if self.gate_init is None:  # input-dependent gates: drift from their first measured mean
-                self.gate_init = (values.mean(0) if values.dim() > 1 else values).clone()
             reg = torch.stack(list(reg_gate_grads)) if reg_gate_grads else None
         extra = self._extra_metrics()
         self._queue.append(_Step(
@@ -175,8 +186,9 @@ class Diagnostics:
             columns.append(torch.stack([s.prompt_norm for s in steps]).float().unsqueeze(1))
             keys = [*first.loss_keys, "grad/prompt_norm"]
             if first.gate_grad is not None:
-                columns.append(_gate_columns(steps, self.gate_init))
-                keys += GATE_KEYS
+                gate_keys, gate_table = _gate_columns(steps, self.gate_init)
+                columns.append(gate_table)
+                keys += gate_keys
             if first.extra is not None:  # method-specific ones override the generic (e.g. effective_length)
                 columns.append(torch.stack([s.extra for s in steps]))
                 keys += first.extra_keys

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 
 from mlgate.errors import SpecError
 from mlgate.methods import config_classes, method_class
@@ -163,7 +163,7 @@ PrunerSpec = Annotated[
 
 
 class CollapsePruningSpec(StrictModel):
-    """Early warning: prune a trial whose gates look collapsed (contract §4) after a warm-up."""
+    """Early warning: prune a trial whose gates already look collapsed (docs/verdicts.md) after a warm-up."""
 
     enabled: bool = False
     warmup_steps: int = Field(20, ge=1, description="Judge only at evaluations from this step on.")
@@ -239,7 +239,8 @@ class ScheduleSpec(StrictModel):
 
 
 class TemperatureSpec(StrictModel):
-    """Temperature-annealed gate sigmoid σ(g/T), T going from start to end over training."""
+    """Temperature-annealed gate sigmoid σ(g/T), T going from start to end over training. The gate
+    metrics read σ(g), the temperature left out: annealing alone moves no gate."""
 
     start: float = Field(1.0, gt=0.0)
     end: float = Field(1.0, gt=0.0)
@@ -247,7 +248,9 @@ class TemperatureSpec(StrictModel):
 
 
 class EquilibriumSpec(StrictModel):
-    """Gradient equilibrium: gate gradients × min(1/(σ(1−σ)+eps), cap), undoing the sigmoid's squashing."""
+    """Gradient equilibrium (appendix D3): the gradient reaching each gate logit is scaled by
+    min(T/(σ(1−σ)+eps), cap), undoing the sigmoid's squashing and the temperature's 1/T, for every
+    loss term alike."""
 
     enabled: bool = False
     eps: float = Field(1e-6, gt=0.0)
@@ -259,7 +262,9 @@ class GateTrainingSpec(StrictModel):
 
     temperature: TemperatureSpec = Field(default_factory=TemperatureSpec)
     entropy_weight: float = Field(
-        0.0, ge=0.0, description="λ·Σ H(σ(g)): > 0 pushes gates away from 0.5 towards decisive values."
+        0.0, ge=0.0, description="Entropy regularization (the gating paper's appendix D3): λ > 0 adds "
+        "−λ·Σ H(σ(g/T)) to the loss, rewarding gate entropy, which pushes gates away from saturation (σ near 0 "
+        "or 1, where their gradient vanishes) towards 0.5."
     )
     equilibrium: EquilibriumSpec = Field(default_factory=EquilibriumSpec)
 
@@ -331,11 +336,18 @@ class TrainSpec(StrictModel):
 
 
 class VerdictThresholds(StrictModel):
-    """Contract §4: when a gated run counts as collapsed."""
+    """When learned gates count as collapsed (docs/verdicts.md): they do not depend on the input, and
+    either ended near their init, or stood still while starved of gradient."""
 
-    gap_log10: float = Field(2.0, description="Median grad/gap_log10 over the second half at or above this.")
-    drift: float = Field(0.05, ge=0.0, description="Final gate/drift below this.")
-    batch_std: float = Field(0.01, ge=0.0, description="Final gate/batch_std below this (where logged).")
+    gap_log10: float = Field(2.0, description="Starved of gradient: the median grad/gap_log10 over the second "
+                             "half of training is at or above this (orders of magnitude).")
+    drift: float = Field(0.05, ge=0.0, description="Near their init: the final gate/drift is below this.")
+    input_std: float = Field(
+        0.01, ge=0.0, validation_alias=AliasChoices("input_std", "batch_std"),
+        description="No input dependence: the final gate/input_std (else gate/batch_std) is below this; gates "
+        "that do not depend on the input pass by construction. (batch_std is accepted as an alias.)")
+    stillness: float = Field(0.01, ge=0.0, description="Standing still: gate/drift and gate/mean each changed by "
+                             "less than this between the middle and the end of training.")
 
 
 class LoggingSpec(StrictModel):

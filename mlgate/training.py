@@ -28,7 +28,7 @@ from mlgate.describe import inference_gflops
 from mlgate.data import FewShotData, Split, cache_root, load_dataset
 from mlgate.errors import MlgateError
 from mlgate.folders import ImageSet, PendingBatch
-from mlgate.diagnostics import Diagnostics, binary_entropy
+from mlgate.diagnostics import Diagnostics, binary_entropy, input_spread
 from mlgate.methods import PromptMethod, build_method
 from mlgate.spec import PhasesSpec, StudySpec, TemperatureSpec, TrainSpec
 from mlgate.verdicts import MetricHistory, Thresholds
@@ -169,8 +169,10 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def accuracy(method: PromptMethod, split: Split, classes: list[int], batch: int = 256) -> float:
-    """Top-1 accuracy (percent) of ``method`` on ``split`` among ``classes``."""
+def accuracy(method: PromptMethod, split: Split, classes: list[int], batch: int = 256,
+             after_batch: Callable[[], None] | None = None) -> float:
+    """Top-1 accuracy (percent) of ``method`` on ``split`` among ``classes``; ``after_batch()`` is
+    called after each batch's forward (to read what the forward left, e.g. input-dependent gates)."""
     if len(split) == 0:
         return float("nan")
     device = split.labels.device
@@ -181,17 +183,34 @@ def accuracy(method: PromptMethod, split: Split, classes: list[int], batch: int 
     for i, x in zip(starts, images):
         logits = method(x.to(device), class_ids)
         correct += (class_ids[logits.argmax(-1)] == split.labels[i : i + batch]).sum()
+        if after_batch is not None:
+            after_batch()
     return 100.0 * int(correct) / len(split)
 
 
-def evaluate(method: PromptMethod, data: FewShotData, splits: dict[str, Split]) -> dict[str, float]:
-    """acc/val, acc/base, acc/novel and their harmonic mean acc/hm (percent)."""
+def validation_gate_values(method: PromptMethod, data: FewShotData, splits: dict[str, Split]) -> torch.Tensor:
+    """σ(g) of input-dependent gates for every validation input, (N, G), with the weights as they are."""
+    values: list[torch.Tensor] = []
     was_training = method.training
     method.eval()
+    accuracy(method, splits["val"], data.base, after_batch=lambda: values.append(method.gate_states().detach()))
+    method.train(was_training)
+    return torch.cat(values)
+
+
+def evaluate(method: PromptMethod, data: FewShotData, splits: dict[str, Split]) -> dict[str, float]:
+    """acc/val, acc/base, acc/novel and their harmonic mean acc/hm (percent); for input-dependent
+    gates also gate/input_std, their spread across the validation inputs (from the same forwards)."""
+    was_training = method.training
+    method.eval()
+    gate_values: list[torch.Tensor] = []
+    collect = (lambda: gate_values.append(method.gate_states().detach())) if method.gates_depend_on_input else None
     out = {
-        "acc/val": accuracy(method, splits["val"], data.base),
+        "acc/val": accuracy(method, splits["val"], data.base, after_batch=collect),
         "acc/base": accuracy(method, splits["test_base"], data.base),
     }
+    if len(gate_values) and sum(len(v) for v in gate_values) > 1:
+        out["gate/input_std"] = float(input_spread(torch.cat(gate_values)))
     if data.novel:
         out["acc/novel"] = accuracy(method, splits["test_novel"], data.novel)
         b, n = out["acc/base"], out["acc/novel"]
@@ -219,16 +238,6 @@ def frozen_groups(step: int, phases: PhasesSpec, groups: list[str]) -> set[str]:
     if step < phases.warmup + phases.gate_only:
         return {g for g in groups if g != "gate"}
     return set()
-
-
-@torch.no_grad()
-def equalize_gate_grads(gates: list[nn.Parameter], activation: Callable[[torch.Tensor], torch.Tensor],
-                        eps: float, cap: float) -> None:
-    """Gradient equilibrium: scale each gate's gradient by min(1/(σ(1−σ)+eps), cap), in place."""
-    for p in gates:
-        if p.grad is not None:
-            s = activation(p)
-            p.grad.mul_((1.0 / (s * (1 - s) + eps)).clamp(max=cap))
 
 
 def use_bf16(cfg: TrainSpec, device: torch.device) -> bool:
@@ -309,6 +318,9 @@ def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, gr
     tricks = cfg.gates
     gates = groups.get("gate", [])
     method.gate_temperature = temperature_at(step - 1, steps, tricks.temperature)
+    # Gradient equilibrium acts in the gates' backward, on every loss term alike (the diagnostics'
+    # per-term gate gradients included).
+    method.gate_equilibrium = (tricks.equilibrium.eps, tricks.equilibrium.cap) if tricks.equilibrium.enabled else None
     mode = compile_mode(cfg)
     if mode == "reduce-overhead":
         # A new step: the CUDA graphs may reuse the memory of the last step's outputs (all consumed).
@@ -319,9 +331,10 @@ def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, gr
     loss_cls = loss_fn(method, inputs, class_ids, targets, use_bf16(cfg, inputs.device))
     regularizers = method.regularizers()
     if gates and tricks.entropy_weight > 0:
+        # Rewards entropy, keeping gates away from saturation (0 or 1), where their gradient vanishes.
         values = method.gate_values()
         values = values.mean(0) if values.dim() > 1 else values
-        regularizers["entropy"] = tricks.entropy_weight * binary_entropy(values).sum()
+        regularizers["entropy"] = -tricks.entropy_weight * binary_entropy(values).sum()
     # Without regularizers the loss is the classification loss itself: no zero tensor and no add (two
     # eager ops per step, outside the compiled step and its CUDA graphs).
     loss_reg = functools.reduce(torch.add, regularizers.values()) if regularizers else None
@@ -330,8 +343,6 @@ def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, gr
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     method.on_backward(step)
-    if tricks.equilibrium.enabled:
-        equalize_gate_grads(gates, method.gate_activation, tricks.equilibrium.eps, tricks.equilibrium.cap)
     if diagnostics is not None:
         reg = torch.zeros_like(loss_cls) if loss_reg is None else loss_reg
         diagnostics.record(step, {"loss/total": loss, "loss/cls": loss_cls, "loss/reg": reg}, reg_grads)
@@ -409,7 +420,10 @@ def train(spec: StudySpec, sink: Sink | None = None,
     check_optimizer_covers(method, optimizer)
     groups = method.param_groups()
     gates = groups.get("gate", [])
-    diagnostics = Diagnostics(groups.get("prompt", []), gates, method.gate_values, method.metrics)
+    gate_init = None
+    if gates and method.gates_depend_on_input:  # drift is measured from their mean over the inputs at init
+        gate_init = validation_gate_values(method, data, splits).mean(0)
+    diagnostics = Diagnostics(groups.get("prompt", []), gates, method.gate_states, method.metrics, gate_init)
 
     steps = total_steps(cfg, len(data.train))  # epochs count images, not cached views
     steps_per_epoch = max(1, math.ceil(len(data.train) / cfg.batch_size))
@@ -425,10 +439,10 @@ def train(spec: StudySpec, sink: Sink | None = None,
     gate_values: list[torch.Tensor] = []  # kept on the device: a copy to the host each epoch would sync
 
     def record_gates(step: int) -> None:
-        values = method.gate_values() if gates else None
-        if values is not None:  # (input-dependent gates have values only after a forward)
+        if gates:  # (input-dependent gates: their batch mean, at init their mean over the inputs)
+            values = diagnostics.gate_init if step == 0 else diagnostics.gate_values()
             gate_steps.append(step)
-            gate_values.append(diagnostics.gate_values().detach().float().clone())
+            gate_values.append(values.detach().float().clone())
 
     def flush() -> None:
         rows = diagnostics.drain()
@@ -440,9 +454,11 @@ def train(spec: StudySpec, sink: Sink | None = None,
         if bad is not None:
             raise FloatingPointError(f"the loss became non-finite at step {bad}")
 
-    trainable = float(sum(p.numel() for p in method.parameters() if p.requires_grad))
-    history.add([(0, {"params/trainable": trainable})])
-    sink.log_metrics([(0, {"params/trainable": trainable})])
+    at_init = {"params/trainable": float(sum(p.numel() for p in method.parameters() if p.requires_grad))}
+    if gate_init is not None:
+        at_init["gate/input_std"] = float(input_spread(validation_gate_values(method, data, splits)))
+    history.add([(0, at_init)])
+    sink.log_metrics([(0, at_init)])
     record_gates(0)
     method.on_train_start(steps, steps_per_epoch)
     method.train()

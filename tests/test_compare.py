@@ -37,6 +37,9 @@ def outside_runs(workdir):
     _log("adaptive-run", {"grad/gap_log10": [1.0, 0.5, 0.4, 0.3], "gate/drift": [0.0, 0.3],
                           "gate/mean": [0.5, 0.8], "acc/hm": [74.0], "params/trainable": [2052.0]},
          tags={"mlgate.method": "coop_gated"})
+    # Gates that never left their init while the gap stayed under 2 orders (a gap-only rule said adaptive).
+    _log("never-moved-run", {"grad/gap_log10": [1.8] * 4, "gate/drift": [0.0, 0.002, 0.003, 0.004],
+                             "gate/mean": [0.5] * 4, "acc/hm": [69.0]}, tags={"mlgate.method": "coop_lr0.002"})
     _log("pruned-run", {"mask/active_tokens": [64, 48, 32, 16], "mask/active_tokens/d0": [8],
                         "mask/active_tokens/d1": [4], "acc/hm": [76.0], "params/trainable": [9000.0]},
          params={"method.t_target": "16"}, tags={"mlgate.method": "adapt"})
@@ -54,9 +57,10 @@ def _json(capsys, *args) -> dict:
 def test_verdicts_and_groups_by_value(outside_runs, capsys):
     report = _json(capsys)
     runs = {r["run_name"]: r for r in report["runs"]}
-    assert set(runs) == {"collapsed-run", "adaptive-run", "pruned-run", "baseline-run"}  # unrelated left out
+    assert set(runs) == {"collapsed-run", "never-moved-run", "adaptive-run", "pruned-run", "baseline-run"}
     assert {n: r["verdict"] for n, r in runs.items()} == {
-        "collapsed-run": "collapsed", "adaptive-run": "adaptive", "pruned-run": "pruned", "baseline-run": "static"}
+        "collapsed-run": "collapsed", "never-moved-run": "collapsed", "adaptive-run": "adaptive",
+        "pruned-run": "pruned", "baseline-run": "static"}
     collapsed = runs["collapsed-run"]
     assert collapsed["grad_gap_log10"] == 3.0  # median of the second half of the history, not the last value
     assert collapsed["gate_drift"] == 0.001 and collapsed["gate_batch_std"] == 0.0
@@ -64,7 +68,7 @@ def test_verdicts_and_groups_by_value(outside_runs, capsys):
     assert collapsed["method"] == "coop_gated" and collapsed["state"] == "COMPLETE"
     assert runs["pruned-run"]["active_tokens"] == 16 and runs["pruned-run"]["compression"] == 0.75
     keys = {"run_id", "run_name", "study", "trial", "method", "state", "verdict", "grad_gap_log10", "gate_drift",
-            "gate_batch_std", "effective_length", "active_tokens", "acc_base", "acc_novel", "acc_hm",
+            "gate_batch_std", "gate_input_std", "effective_length", "active_tokens", "acc_base", "acc_novel", "acc_hm",
             "trainable_params"}
     assert keys <= set(collapsed)
     assert [r["run_name"] for r in report["runs"]][:2] == ["pruned-run", "adaptive-run"]  # ranked by acc_hm
@@ -87,9 +91,16 @@ def test_verdicts_and_groups_by_value(outside_runs, capsys):
 
 def test_thresholds_filters_and_ranking(outside_runs, capsys):
     runs = {r["run_name"]: r for r in _json(capsys, "--gap", "4")["runs"]}
+    assert runs["collapsed-run"]["verdict"] == "collapsed"  # it ended near its init: no gap needed
+    runs = {r["run_name"]: r for r in _json(capsys, "--drift", "0.0005")["runs"]}
+    assert runs["collapsed-run"]["verdict"] == "collapsed"  # still, and starved (gap 3)
+    assert runs["never-moved-run"]["verdict"] == "adaptive"  # moved 0.004 > 0.0005, and the gap is low
+    runs = {r["run_name"]: r for r in _json(capsys, "--drift", "0.0005", "--gap", "4")["runs"]}
     assert runs["collapsed-run"]["verdict"] == "adaptive"
+    runs = {r["run_name"]: r for r in _json(capsys, "--drift", "0.0005", "--stillness", "0.0001")["runs"]}
+    assert runs["collapsed-run"]["verdict"] == "adaptive"  # its drift changed 0.001 from the middle
     runs = {r["run_name"]: r for r in _json(capsys, "--drift", "0.5")["runs"]}
-    assert runs["adaptive-run"]["verdict"] == "adaptive"  # its gap is below 2 anyway
+    assert runs["adaptive-run"]["verdict"] == "collapsed"  # ended within 0.5 of its init
     assert [r["run_name"] for r in _json(capsys, "--rank-by", "trainable_params")["runs"]][0] == "pruned-run"
     assert _json(capsys, "--state", "COMPLETE")["runs"]
     assert compare(["--experiment", "outside", "--state", "PRUNED", "--no-log"]) == 2
@@ -125,7 +136,7 @@ def test_report_is_logged_to_one_report_run(outside_runs, capsys):
     [report] = client.search_runs([exp.experiment_id], "tags.`mlgate.role` = 'report'")
     assert {a.path for a in client.list_artifacts(report.info.run_id, "compare")} == {
         "compare/report.md", "compare/runs.csv", "compare/report.json", "compare/report.html"}
-    assert len(_json(capsys)["runs"]) == 4  # the report run is not a run to compare
+    assert len(_json(capsys)["runs"]) == 5  # the report run is not a run to compare
 
 
 def test_clear_errors(workdir, capsys):

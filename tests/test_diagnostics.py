@@ -10,7 +10,7 @@ import torch
 from mlgate.diagnostics import Diagnostics, binary_entropy, cancellation, group_grad_norm
 from mlgate.spec import StudySpec
 from mlgate.training import train
-from mlgate.verdicts import ADAPTIVE, COLLAPSED, PRUNED, STATIC, Thresholds, second_half_median, verdict
+from mlgate.verdicts import ADAPTIVE, COLLAPSED
 from tests.conftest import TINY, deep_update
 
 
@@ -49,7 +49,7 @@ def test_record_matches_hand_computation():
     assert m["gate/min"] == pytest.approx(sig[0].item()) and m["gate/max"] == pytest.approx(sig[1].item())
     assert m["gate/drift"] == pytest.approx((sig[0] - 0.5).item())
     assert m["gate/effective_length"] == pytest.approx(sig.sum().item())
-    assert m["gate/batch_std"] == 0.0
+    assert "gate/batch_std" not in m  # input-independent gates: no spread to measure
     assert m["gate/entropy"] == pytest.approx(binary_entropy(sig).mean().item())
     cls_grad = torch.tensor([0.5, 0.7])  # total minus the regularizer's part
     expected = 1 - 1.0 / (cls_grad.norm() + sparsity_grad.norm()).item()
@@ -87,7 +87,8 @@ def test_queued_steps_drain_to_the_same_rows_as_one_by_one():
 def test_input_dependent_gates_report_their_spread_across_the_batch():
     prompt = torch.nn.Parameter(torch.zeros(2))
     per_input = torch.tensor([[0.2, 0.9], [0.4, 0.5], [0.6, 0.1]])  # (B, G)
-    diag = Diagnostics([prompt], [torch.nn.Parameter(torch.zeros(2))], lambda: per_input)
+    init = torch.tensor([0.5, 0.5])
+    diag = Diagnostics([prompt], [torch.nn.Parameter(torch.zeros(2))], lambda: per_input, gate_init=init)
     for step in (1, 2):
         prompt.grad = torch.ones(2)
         diag.record(step)
@@ -96,21 +97,22 @@ def test_input_dependent_gates_report_their_spread_across_the_batch():
     m = rows[1][1]
     assert m["gate/batch_std"] == pytest.approx(per_input.std(0).mean().item())
     assert m["gate/mean"] == pytest.approx(per_input.mean().item())
-    assert m["gate/drift"] == 0.0  # measured from the first recorded mean
+    assert m["gate/drift"] == pytest.approx((per_input.mean(0) - init).abs().max().item())  # from the given init
 
 
-def test_verdicts():
-    collapsed = {"gate/mean": [0.5] * 4, "grad/gap_log10": [1.0, 1.0, 2.5, 3.0], "gate/drift": [0.0, 0.01],
-                 "gate/batch_std": [0.0]}
-    assert verdict(collapsed) == COLLAPSED
-    assert verdict({**collapsed, "gate/drift": [0.2]}) == ADAPTIVE  # gates moved
-    assert verdict({**collapsed, "grad/gap_log10": [3.0, 3.0, 1.0, 1.5]}) == ADAPTIVE  # gap closed late
-    assert verdict({**collapsed, "gate/batch_std": [0.3]}) == ADAPTIVE  # input-dependent gates
-    assert verdict(collapsed, Thresholds(gap_log10=3.5)) == ADAPTIVE
-    assert verdict({"loss/total": [1.0]}) == STATIC
-    assert verdict({"mask/active_tokens": [64, 32, 16]}, t_target=16) == PRUNED
-    assert verdict({"mask/active_tokens": [64, 32, 32]}) == PRUNED
-    assert second_half_median([9.0, 9.0, 1.0, 2.0, 3.0]) == 2.0
+def test_a_batch_of_one_has_no_batch_spread():
+    prompt = torch.nn.Parameter(torch.zeros(2))
+    diag = Diagnostics([prompt], [torch.nn.Parameter(torch.zeros(2))], lambda: torch.tensor([[0.3, 0.7]]),
+                       gate_init=torch.tensor([0.5, 0.5]))
+    prompt.grad = torch.ones(2)
+    diag.record(1)
+    [(_, m)] = diag.drain()
+    assert "gate/batch_std" not in m and m["gate/drift"] == pytest.approx(0.2)
+
+
+def test_input_dependent_gates_need_their_init():
+    with pytest.raises(ValueError, match="gate_init"):
+        Diagnostics([], [torch.nn.Parameter(torch.zeros(2))], lambda: torch.rand(3, 2))
 
 
 def _spec(**sections) -> StudySpec:

@@ -399,7 +399,7 @@ def test_per_depth_gradient_and_gate_metrics(clip):
 
     method = _adaptive(clip)
     groups = method.param_groups()
-    diagnostics = Diagnostics(groups["prompt"], groups["gate"], method.gate_values, method.metrics)
+    diagnostics = Diagnostics(groups["prompt"], groups["gate"], method.gate_states, method.metrics)
     method(_inputs(clip, method), torch.arange(4)).logsumexp(-1).sum().backward()
     diagnostics.record(1, {})
     [(_, m)] = diagnostics.drain()

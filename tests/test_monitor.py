@@ -41,6 +41,7 @@ def test_monitor_logs_the_vocabulary_from_a_plain_loop(workdir):
     assert [m.value for m in history] == pytest.approx(expected_prompt_norms, rel=1e-5)
     data = client.get_run(run.info.run_id).data
     assert {"loss/total", "grad/gate_norm", "grad/gap_log10", "gate/mean", "gate/drift", "acc/base"} <= set(data.metrics)
+    assert "gate/batch_std" not in data.metrics  # these gates do not depend on the input
     assert math.isclose(data.metrics["grad/gap_log10"],
                         math.log10(data.metrics["grad/prompt_norm"] / data.metrics["grad/gate_norm"]), rel_tol=1e-5)
     assert data.tags["mlgate.verdict"] in ("collapsed", "adaptive")

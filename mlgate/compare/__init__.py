@@ -1,7 +1,7 @@
 """``python -m mlgate.compare --experiment NAME``: collapse versus pruning across an experiment's runs.
 
-Reads every run through the MLflow API (any tracking URI), judges each by contract §4 from its metric
-histories, groups them by method, and renders a terminal table, markdown, CSV, JSON or a
+Reads every run through the MLflow API (any tracking URI), judges each by mlgate's verdict rule
+(docs/verdicts.md) from its metric histories, groups them by method, and renders a terminal table, markdown, CSV, JSON or a
 self-contained HTML report; the report is also logged as artifacts of a ``mlgate.role=report`` run.
 """
 
@@ -64,15 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", action="append", choices=("COMPLETE", "PRUNED", "FAIL", "RUNNING"),
                    help="only runs in this state (repeatable)")
     p.add_argument("--rank-by", choices=RANKABLE, default="acc_hm", help="order of the runs table")
-    p.add_argument("--gap", type=float, default=2.0, help="collapse: median gap (log10) at least this")
-    p.add_argument("--drift", type=float, default=0.05, help="collapse: final gate drift below this")
-    p.add_argument("--batch-std", type=float, default=0.01, help="collapse: final gate batch std below this")
+    defaults = Thresholds()
+    p.add_argument("--gap", type=float, default=defaults.gap_log10,
+                   help="collapse: the median gradient gap (log10) of the second half at least this")
+    p.add_argument("--drift", type=float, default=defaults.drift, help="collapse: final gate drift below this")
+    p.add_argument("--input-std", "--batch-std", dest="input_std", type=float, default=defaults.input_std,
+                   help="collapse: final gate input std (else batch std) below this")
+    p.add_argument("--stillness", type=float, default=defaults.stillness,
+                   help="collapse: gate drift and mean changed less than this from the middle to the end")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    thresholds = Thresholds(gap_log10=args.gap, drift=args.drift, batch_std=args.batch_std)
+    thresholds = Thresholds(gap_log10=args.gap, drift=args.drift, input_std=args.input_std, stillness=args.stillness)
     try:
         report = build_report(args.experiment, args.tracking_uri, thresholds, args.study,
                               set(args.state) if args.state else None, args.rank_by)

@@ -1,4 +1,4 @@
-"""Read an experiment's runs through the MLflow API into per-run summaries (contract §4, §5).
+"""Read an experiment's runs through the MLflow API into per-run summaries and their verdicts.
 
 Works on any run that logs the contract's metric vocabulary, whether mlgate trained it or not.
 """
@@ -13,17 +13,17 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from mlgate.errors import MlgateError
-from mlgate.verdicts import Thresholds, second_half_median, verdict
+from mlgate.verdicts import EVIDENCE_KEYS, Thresholds, evidence, judge
 
 VOCABULARY_PREFIXES = ("loss/", "grad/", "gate/", "mask/", "acc/", "params/trainable")
-HISTORY_KEYS = ("grad/gap_log10", "gate/drift", "gate/batch_std", "gate/mean", "mask/active_tokens")
+HISTORY_KEYS = EVIDENCE_KEYS  # what the verdict reads, and the report plots
 _STATE_OF_STATUS = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL"}
 _T_TARGET_PARAMS = ("method.t_target", "t_target", "T_target")
 
 
 @dataclass
 class RunSummary:
-    """One run as the compare report sees it; the first fields are contract §5's."""
+    """One run as the compare report sees it; the fields up to ``trainable_params`` are the JSON run object's."""
 
     run_id: str
     run_name: str
@@ -35,6 +35,7 @@ class RunSummary:
     grad_gap_log10: float | None
     gate_drift: float | None
     gate_batch_std: float | None
+    gate_input_std: float | None
     effective_length: float | None
     active_tokens: float | None
     acc_base: float | None
@@ -47,7 +48,7 @@ class RunSummary:
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict, repr=False)
 
     def contract_dict(self) -> dict[str, Any]:
-        """The run object of ``--format json`` (contract §5 keys, then extras)."""
+        """The run object of ``--format json`` (the documented keys, then extras)."""
         data = asdict(self)
         data.pop("history")
         return data
@@ -72,9 +73,9 @@ def summarize_run(client: MlflowClient, run: Run, thresholds: Thresholds) -> Run
                                                 key=lambda m: (m.step, m.timestamp))]
         for key in HISTORY_KEYS if key in latest
     }
-    series = {key: [v for _, v in points] for key, points in history.items()}
+    seen = evidence(history)
     t_target = next((_float(params[k]) for k in _T_TARGET_PARAMS if k in params), None)
-    active = series.get("mask/active_tokens") or []
+    active = [v for _, v in history.get("mask/active_tokens", [])]
     depth_keys = sorted((k for k in latest if k.startswith("mask/active_tokens/d")),
                         key=lambda k: int(k.rsplit("/d", 1)[1]))
     trial = tags.get("mlgate.trial")
@@ -85,10 +86,11 @@ def summarize_run(client: MlflowClient, run: Run, thresholds: Thresholds) -> Run
         trial=int(trial) if trial is not None and trial.isdigit() else None,
         method=tags.get("mlgate.method") or params.get("method.name") or "unknown",
         state=tags.get("mlgate.state") or _STATE_OF_STATUS.get(run.info.status, run.info.status),
-        verdict=verdict(series, thresholds, t_target),
-        grad_gap_log10=second_half_median(series.get("grad/gap_log10") or []),
+        verdict=judge(seen, thresholds, t_target),
+        grad_gap_log10=seen.gap_median,
         gate_drift=latest.get("gate/drift"),
         gate_batch_std=latest.get("gate/batch_std"),
+        gate_input_std=latest.get("gate/input_std"),
         effective_length=latest.get("gate/effective_length"),
         active_tokens=latest.get("mask/active_tokens"),
         acc_base=latest.get("acc/base"),

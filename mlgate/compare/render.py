@@ -15,7 +15,7 @@ from mlgate.compare.report import Report
 
 RUN_COLUMNS = [
     ("run", "run_name"), ("method", "method"), ("state", "state"), ("verdict", "verdict"),
-    ("gap log10", "grad_gap_log10"), ("drift", "gate_drift"), ("batch std", "gate_batch_std"),
+    ("gap log10", "grad_gap_log10"), ("drift", "gate_drift"), ("input std", "gate_input_std"),
     ("eff. len", "effective_length"), ("active", "active_tokens"), ("base", "acc_base"),
     ("novel", "acc_novel"), ("HM", "acc_hm"), ("params", "trainable_params"),
 ]
@@ -30,7 +30,7 @@ HEADLINE_COLUMNS = [
 ]
 CONTRACT_RUN_KEYS = [
     "run_id", "run_name", "study", "trial", "method", "state", "verdict", "grad_gap_log10", "gate_drift",
-    "gate_batch_std", "effective_length", "active_tokens", "acc_base", "acc_novel", "acc_hm", "trainable_params",
+    "gate_batch_std", "gate_input_std", "effective_length", "active_tokens", "acc_base", "acc_novel", "acc_hm", "trainable_params",
 ]
 
 

@@ -55,7 +55,7 @@ class AdaptiveBiMaPLe(BiMaPLe):
         use_length = gated and cfg.mode in ("full", "length_only")
         use_depth = gated and cfg.mode in ("full", "depth_only") and self.depth > 1
         width = cfg.n_ctx if cfg.gate_strategy != "per_layer" else 1
-        length = init_gate_logits(self.depth * width, cfg.gate).view(self.depth, width).to(device)
+        length = init_gate_logits((self.depth, width), cfg.gate).to(device)
         depth = torch.full((max(self.depth - 1, 0),), cfg.depth_gate_init, device=device)
         if cfg.gate_strategy == "fixed":
             length, depth = torch.full_like(length, 10.0), torch.full_like(depth, 10.0)  # all on
@@ -101,6 +101,13 @@ class AdaptiveBiMaPLe(BiMaPLe):
         parts = [p.reshape(-1) for p in (self._length_probs(), self._depth_probs()) if p is not None]
         return torch.cat(parts) if parts else None
 
+    def gate_logits(self) -> torch.Tensor | None:
+        # Laid out as gate_values (length gates per depth and token, then depth gates); learned ones only.
+        if not any(isinstance(g, nn.Parameter) for g in (self.length_gates, self.depth_gates)):
+            return None
+        parts = [] if self.length_gates is None else [self.length_gates.expand(self.depth, self.cfg.n_ctx).reshape(-1)]
+        return torch.cat(parts + ([] if self.depth_gates is None else [self.depth_gates.reshape(-1)]))
+
     def metrics(self) -> dict[str, torch.Tensor]:
         out = super().metrics()
         for name, gates in (("length", self.length_gates), ("depth", self.depth_gates)):
@@ -112,13 +119,13 @@ class AdaptiveBiMaPLe(BiMaPLe):
             prompt, gate = out.get(f"grad/prompt_norm/d{k}"), out.get(f"grad/gate_norm/length/d{k}")
             if prompt is not None and gate is not None:
                 out[f"grad/gap_log10/d{k}"] = torch.log10(prompt.clamp_min(1e-30) / gate.clamp_min(1e-30))
-        length = self._length_probs()
-        if length is not None:
-            per_depth = length.sum(-1)
+        # Reported as σ(g), the temperature left out, as every gate metric (what the gates learned).
+        if self.length_gates is not None:
+            per_depth = torch.sigmoid(self.length_gates).expand(self.depth, self.cfg.n_ctx).sum(-1)
             out["gate/effective_length"] = per_depth.mean()
             out.update({f"gate/effective_length/d{k}": v for k, v in enumerate(per_depth)})
-        depth = self._depth_probs()
-        if depth is not None:
+        if self.depth_gates is not None:
+            depth = torch.sigmoid(self.depth_gates)
             out["gate/depth_prob"] = depth.mean()
             out.update({f"gate/depth_prob/d{k + 1}": v for k, v in enumerate(depth)})
         return out

@@ -33,7 +33,7 @@ class GateConfig(StrictModel):
         "normal",
         description="How gate logits start: constant=init_value; zero=0 (σ=0.5); normal=init_value+"
         "N(0, init_std) (the reference CoOp-gating); uniform=U(init_low, init_high); biased=init_high→"
-        "init_low linearly across tokens (early tokens favoured).",
+        "init_low linearly over the token positions of each depth (early tokens favoured).",
     )
     init_value: float = Field(0.0, description="Gate logit at init (0 → σ=0.5; 1 → σ≈0.73).")
     init_std: float = Field(0.02, ge=0.0, description="Std of the normal init around init_value.")
@@ -54,17 +54,40 @@ class MethodConfig(StrictModel):
     name: str
 
 
-def init_gate_logits(n: int, cfg: GateConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Gate logits of length ``n`` initialised as ``cfg`` says."""
+def init_gate_logits(shape: int | tuple[int, ...], cfg: GateConfig,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gate logits of ``shape`` ((tokens,) or (depths, tokens)) initialised as ``cfg`` says; ``biased``
+    decays over the token positions (the last dimension), the same at every depth."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
     if cfg.init == "constant":
-        return torch.full((n,), cfg.init_value)
+        return torch.full(shape, cfg.init_value)
     if cfg.init == "zero":
-        return torch.zeros(n)
+        return torch.zeros(shape)
     if cfg.init == "normal":
-        return cfg.init_value + cfg.init_std * torch.randn(n, generator=generator)
+        return cfg.init_value + cfg.init_std * torch.randn(shape, generator=generator)
     if cfg.init == "uniform":
-        return torch.empty(n).uniform_(cfg.init_low, cfg.init_high, generator=generator)
-    return torch.linspace(cfg.init_high, cfg.init_low, n)
+        return torch.empty(shape).uniform_(cfg.init_low, cfg.init_high, generator=generator)
+    return torch.linspace(cfg.init_high, cfg.init_low, shape[-1]).expand(shape).clone()
+
+
+class _EqualizedSigmoid(torch.autograd.Function):
+    """σ(g/T) whose backward undoes the sigmoid's attenuation (gradient equilibrium): the gradient
+    reaching the logits g is ∂L/∂σ · σ'(g/T) / T scaled by min(T / (σ(1−σ) + eps), cap), i.e. about
+    ∂L/∂σ itself wherever the cap allows. Every loss term's gate gradient passes through it alike."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, temperature: torch.Tensor, eps: float, cap: float) -> torch.Tensor:
+        values = torch.sigmoid(logits / temperature)
+        ctx.save_for_backward(values, temperature)
+        ctx.eps, ctx.cap = eps, cap
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        values, temperature = ctx.saved_tensors
+        slope = values * (1 - values)
+        scale = (temperature / (slope + ctx.eps)).clamp(max=ctx.cap)
+        return grad * slope / temperature * scale, None, None, None
 
 
 class PromptMethod(nn.Module, metaclass=ABCMeta):
@@ -77,6 +100,8 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
 
     Config: ClassVar[type[MethodConfig]]
     prompts_vision: ClassVar[bool] = False
+    #: (eps, cap) of gradient equilibrium on the gate logits, set by the trainer; None: off.
+    gate_equilibrium: tuple[float, float] | None = None
 
     def __init__(self, clip, cfg: MethodConfig) -> None:
         super().__init__()
@@ -100,8 +125,15 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
             self._gate_temperature_value = value
 
     def gate_activation(self, logits: torch.Tensor) -> torch.Tensor:
-        """Gate values σ(g/T) of gate logits."""
+        """Gate values σ(g/T) of gate logits (with gradient equilibrium in the backward when it is on)."""
+        if self.gate_equilibrium is not None and torch.is_grad_enabled():
+            return _EqualizedSigmoid.apply(logits, self.gate_temperature, *self.gate_equilibrium)
         return torch.sigmoid(logits / self.gate_temperature)
+
+    @property
+    def gates_depend_on_input(self) -> bool:
+        """Whether the gates are computed from each input (then gate values are (B, G))."""
+        return False
 
     @abstractmethod
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -111,13 +143,26 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
         """Named regularization terms already multiplied by their weights (only the active ones)."""
         return {}
 
+    def gate_logits(self) -> torch.Tensor | None:
+        """The gate logits g: flat (G,) for static gates, (B, G) for input-dependent ones (from the
+        last forward); None without learned gates. Default: the ``gate`` group's parameters."""
+        gates = self.param_groups().get("gate", [])
+        if not gates:
+            return None
+        return torch.cat([p.reshape(-1) for p in gates])
+
     def gate_values(self) -> torch.Tensor | None:
-        """Current gate activations: flat (G,) for static gates, (B, G) for input-dependent ones
-        (from the last forward); None without gates. Default: σ(g/T) of the ``gate`` group."""
+        """The gate activations σ(g/T) the forward applies, laid out as :meth:`gate_logits`."""
         gates = self.param_groups().get("gate", [])
         if not gates:
             return None
         return torch.cat([self.gate_activation(p).reshape(-1) for p in gates])
+
+    def gate_states(self) -> torch.Tensor | None:
+        """σ(g) of the gate logits, the temperature left out: what the gates have learned, which the
+        diagnostics and the gate artifacts report (an annealed temperature alone moves nothing)."""
+        logits = self.gate_logits()
+        return None if logits is None else torch.sigmoid(logits)
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """Method-specific metrics for the diagnostics row (device scalars), e.g. ``gate/depth_prob/d3``."""

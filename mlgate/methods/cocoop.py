@@ -4,7 +4,7 @@ optional gates.
 Per image x: π(x) = meta_net(f(x)) shifts every context token, ``ctxᵢ(x) = vᵢ + π(x)``. Gates:
 ``static`` per-token gates give ``σ(gᵢ)·vᵢ + π(x)`` (the released CoCoOp-gating); ``conditional``
 gates are computed from the meta-net's conditioning vector, ``(vᵢ + π(x))·σ(h(π(x))ᵢ)``, so they
-depend on the input (``gate/batch_std`` measures how much).
+depend on the input (``gate/batch_std`` and ``gate/input_std`` measure how much).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class CoCoOp(PromptMethod):
             with torch.no_grad():  # start as the configured static init; the input then modulates it
                 self.gate_head.weight.mul_(0.01)
                 self.gate_head.bias.copy_(init_gate_logits(cfg.n_ctx, cfg.gate))
-        self._last_gates: torch.Tensor | None = None
+        self._last_logits: torch.Tensor | None = None  # (B, n_ctx) conditional gate logits of the last forward
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {"prompt": [self.ctx], "meta_net": list(self.meta_net.parameters())}
@@ -62,9 +62,18 @@ class CoCoOp(PromptMethod):
             groups["gate"] = list(self.gate_head.parameters())
         return groups
 
+    @property
+    def gates_depend_on_input(self) -> bool:
+        return self.gate_head is not None
+
+    def gate_logits(self) -> torch.Tensor | None:
+        if self.gate_head is not None:
+            return self._last_logits
+        return super().gate_logits()
+
     def gate_values(self) -> torch.Tensor | None:
         if self.gate_head is not None:
-            return self._last_gates  # (B, n_ctx) of the last forward
+            return None if self._last_logits is None else self.gate_activation(self._last_logits)
         return super().gate_values()
 
     def forward(self, image_features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
@@ -75,9 +84,8 @@ class CoCoOp(PromptMethod):
         else:
             ctx = self.ctx.unsqueeze(0) + bias[:, None]  # (B, n, D)
             if self.gate_head is not None:
-                gates = self.gate_activation(self.gate_head(bias))  # (B, n)
-                self._last_gates = gates
-                ctx = ctx * gates.unsqueeze(-1)
+                self._last_logits = self.gate_head(bias)  # (B, n)
+                ctx = ctx * self.gate_activation(self._last_logits).unsqueeze(-1)
         n_img, n_cls = ctx.shape[0], len(class_ids)
         # Every image gets its own prompts for every class: B×C sequences, in one batched text pass.
         if self.tokens.trimmed:  # an image's prompts all open with SOS + its context: encoded once per image
