@@ -62,6 +62,9 @@ class CoCoOp(PromptMethod):
             groups["gate"] = list(self.gate_head.parameters())
         return groups
 
+    def gate_logits(self) -> dict[str, torch.Tensor]:
+        return {} if self.gates is None else {"token": self.gates}  # conditional gates have no logits to swap
+
     def gate_values(self) -> torch.Tensor | None:
         if self.gate_head is not None:
             return self._last_gates  # (B, n_ctx) of the last forward
