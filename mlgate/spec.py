@@ -359,6 +359,12 @@ class LoggingSpec(StrictModel):
     system_metrics_interval: float | None = Field(
         10.0, gt=0.0, description="Seconds between MLflow system metrics (CPU, memory, GPU) of a trial; null: off.")
     flush_every: int = Field(50, ge=1, description="Send buffered metrics to MLflow every N steps.")
+    gate_swap: bool = Field(
+        True, description="At the end of a trial whose method learned gates, evaluate acc/val of the trained "
+        "model again with its gates swapped for fixed all-on, random (seeded by the trial's seed, depth "
+        "gates included), per-layer (each layer's token gates at their mean) and its own per-token gates: "
+        "metrics acc/gates/<strategy>, the paper's Table II from one trained model. Methods without "
+        "learned gates log nothing.")
     verdict: VerdictThresholds = Field(default_factory=VerdictThresholds)
 
 

@@ -30,6 +30,7 @@ from mlgate.errors import MlgateError
 from mlgate.folders import ImageSet, PendingBatch
 from mlgate.diagnostics import Diagnostics, binary_entropy, input_spread
 from mlgate.methods import PromptMethod, build_method
+from mlgate.methods.base import GATE_SWAPS
 from mlgate.spec import PhasesSpec, StudySpec, TemperatureSpec, TrainSpec
 from mlgate.verdicts import MetricHistory, Thresholds
 
@@ -217,6 +218,21 @@ def evaluate(method: PromptMethod, data: FewShotData, splits: dict[str, Split]) 
         out["acc/hm"] = 0.0 if b + n == 0 else 2 * b * n / (b + n)
     else:
         out["acc/hm"] = out["acc/base"]
+    method.train(was_training)
+    return out
+
+
+def gate_swap_accuracies(method: PromptMethod, data: FewShotData, val: Split, seed: int) -> dict[str, float]:
+    """acc/val of the trained ``method`` with its learned gates swapped for each of :data:`GATE_SWAPS`
+    (``acc/gates/<strategy>``); empty when it has no learned gates."""
+    if not method.swappable_gates():
+        return {}
+    was_training = method.training
+    method.eval()
+    out = {}
+    for strategy in GATE_SWAPS:
+        with method.swapped_gates(strategy, seed):
+            out[f"acc/gates/{strategy}"] = accuracy(method, val, data.base)
     method.train(was_training)
     return out
 
@@ -496,6 +512,8 @@ def train(spec: StudySpec, sink: Sink | None = None,
         finished = method.finalize()
         method.eval()
         finished["flops/gflops_per_image"] = inference_gflops(method, clip, len(data.classnames))[0]
+        if spec.logging.gate_swap:
+            finished.update(gate_swap_accuracies(method, data, splits["val"], seed))
         history.add([(steps, finished)])
         sink.log_metrics([(steps, finished)])
     finally:

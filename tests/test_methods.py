@@ -424,3 +424,72 @@ def test_every_method_trains_end_to_end(name):
                                                        "train": {"steps": 3, "eval_interval": 3}}))
     outcome = train(spec)
     assert outcome.final["flops/gflops_per_image"] > 0 and "acc/hm" in outcome.final
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference code's bugs stay absent (each test fails when its bug is put back).
+
+@pytest.mark.parametrize("name", ["maple", "bimaple", "adaptive_bimaple"])
+def test_vision_prompts_are_n_ctx_tokens_at_every_depth_whatever_the_class_count(clip, name):
+    # The reference's AdaptiveBiDirMaPLe appended one shallow vision token per class (n_cls of them).
+    # The vision tower must see CLS + patches + n_ctx tokens at every layer, training and inference.
+    n_ctx, visual = 3, clip.model.visual
+    method = build_method(method_class(name).Config(n_ctx=n_ctx, ctx_init=None), clip, CLASSES)
+    assert method.depth == clip.num_layers and len(CLASSES) != n_ctx  # every layer prompted
+    lengths: list[int] = []
+    hooks = [block.ln_1.register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[1]))
+             for block in visual.transformer.resblocks]
+    try:
+        for training in (True, False):
+            method.train(training)
+            with torch.no_grad():
+                method(_inputs(clip, method), torch.arange(len(CLASSES)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    expected = visual.positional_embedding.shape[0] + n_ctx  # CLS + patches + the prompt
+    assert lengths == [expected] * (2 * len(visual.transformer.resblocks))
+
+
+def test_length_only_mode_applies_its_sparsity_regularizer(clip):
+    # The reference computed its sparsity term only in modes full and depth_only, so in its main
+    # config (length_only) the gate regularizer was exactly 0. Cycle loss off: loss/reg is the gates' term.
+    from mlgate.spec import StudySpec
+    from mlgate.training import train
+    from tests.conftest import TINY, deep_update
+
+    method = {"name": "adaptive_bimaple", "mode": "length_only", "cycle_weight": 0.0}
+    spec = StudySpec.model_validate(deep_update(TINY, {"method": method, "search": {},
+                                                       "train": {"steps": 1, "eval_interval": 1}}))
+    outcome = train(spec)
+    n_gates = min(spec.method.default_depth, clip.num_layers) * spec.method.n_ctx  # every depth's tokens
+    expected = spec.method.gate.sparsity * n_gates * torch.sigmoid(torch.tensor(1.0)).item()  # gates at σ(1)
+    assert outcome.history["loss/reg"][0] == pytest.approx(expected, rel=1e-5) and expected > 0
+
+
+@pytest.mark.parametrize("full_context", [False, True])
+def test_eot_follows_the_tokens_dropped_at_inference(clip, monkeypatch, full_context):
+    # The reference shortened the prompt at inference but pooled at the EOT of the full-length prompt.
+    # Tokens 1 and 3 closed: the text features must be open_clip's own for "[SOS] v0 v2 <classname>.",
+    # with trimmed prompts and with the full 77-token context alike.
+    from open_clip.transformer import text_global_pool
+
+    method = _adaptive(clip, depth=1, mode="length_only", cycle_weight=0.0)
+    if full_context:
+        method.use_full_context()
+    with torch.no_grad():
+        method.length_gates[0].copy_(torch.tensor([5.0, -5.0, 5.0, -5.0]))
+    seen = []
+    encode = clip.encode_text_embeddings
+    monkeypatch.setattr(clip, "encode_text_embeddings", lambda *a, **k: seen.append(encode(*a, **k)) or seen[-1])
+    method.eval()
+    with torch.no_grad():
+        method(_inputs(clip, method), torch.arange(len(CLASSES)))
+        model = clip.model
+        tokens = clip.tokenize([f"X X {c}." for c in CLASSES])  # two kept tokens, then the class name
+        x = model.token_embedding(tokens)
+        x[:, 1:3] = method.ctx[[0, 2]]
+        x = model.transformer(x + model.positional_embedding, attn_mask=model.attn_mask)
+        expected = text_global_pool(model.ln_final(x), tokens, model.text_pool_type) @ model.text_projection
+    [features] = seen
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)

@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 
 from mlgate.cli import main
+from mlgate.describe import describe
 from mlgate.shapes import COLORS
+from mlgate.spec import load_spec
 from tests.test_folders import _image
 from tests.test_study import runs_of
 
@@ -55,3 +57,30 @@ def test_table_vi_runs_its_rows_as_variants(workdir, tmp_path):
     ran = {t.data.params["data.name"] for t in trials}
     folders = {"imagenet": "imagenet", "caltech101": "caltech-101", "eurosat": "eurosat"}
     assert all(list((root / folders[name] / "split_fewshot").glob("shot_2-seed_*.json")) for name in ran)
+
+
+def _rows(study: str, method: str) -> list[dict]:
+    """The settings of ``method`` in every row of a shipped paper study (its variants, or the study itself)."""
+    spec = load_spec(f"paper/{study}")
+    rows = [spec.with_values({"variant": v}) for v in spec.variants] or [spec]
+    return [row.method.model_dump(mode="json") for row in rows if row.method.name == method]
+
+
+def _trainable_on_vit_b16(settings: dict) -> int:
+    overrides = [f"method.{k}={json.dumps(v)}" for k, v in settings.items() if k != "name"]
+    return describe(settings["name"], "ViT-B-16", overrides, n_classes=2)["trainable_params"]
+
+
+def test_paper_adaptive_bimaple_has_the_papers_parameter_count():
+    # The paper: AdaptiveBiMaPLe has 13.8M trainable parameters against BiMaPLe's 10.1M on ViT-B/16, and
+    # Table V is read by that difference. Every study that runs AdaptiveBiMaPLe builds that one model
+    # (the reference code's defaults, 8 tokens and depth 12, as the studies' descriptions say).
+    studies = ["gating_table1", "gating_table2", "gating_table5", "gating_d2", "gating_d3"]
+    rows = {study: _rows(study, "adaptive_bimaple") for study in studies}
+    assert all(rows.values())
+    adaptive = [row for study_rows in rows.values() for row in study_rows]
+    sized_by = ("n_ctx", "depth", "mode", "gate_strategy", "control")  # (inits and weights vary by row)
+    assert len({tuple(row[k] for k in sized_by) for row in adaptive}) == 1
+    assert round(_trainable_on_vit_b16(adaptive[0]) / 1e6, 1) == 13.8
+    [bimaple] = _rows("gating_table1", "bimaple")
+    assert round(_trainable_on_vit_b16(bimaple) / 1e6, 1) == 10.1

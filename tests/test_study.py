@@ -55,6 +55,8 @@ def test_two_trial_study_lands_in_mlflow(workdir, write_spec):
                     "acc/hm", "acc/val", "params/trainable"):
             assert key in trial.data.metrics, key
         assert [m.step for m in client.get_metric_history(trial.info.run_id, "acc/val")] == [3, 6]
+        for strategy in ("fixed", "random", "per_layer", "per_token"):  # Table II, gates swapped at the end
+            assert [m.step for m in client.get_metric_history(trial.info.run_id, f"acc/gates/{strategy}")] == [6]
         gates = {a.path for a in client.list_artifacts(trial.info.run_id, "gates")}
         assert {"gates/trajectory.npy", "gates/trajectory.png"} <= gates
     assert len(sampled) == 2

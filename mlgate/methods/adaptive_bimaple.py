@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from mlgate.methods import register
-from mlgate.methods.base import GateConfig, init_gate_logits
+from mlgate.methods.base import GATE_ON, GateConfig, init_gate_logits, random_gate_logits
 from mlgate.methods.bimaple import BiMaPLe, BiMaPLeConfig
 
 
@@ -33,7 +33,8 @@ class AdaptiveBiMaPLeConfig(BiMaPLeConfig):
     mode: Literal["full", "length_only", "depth_only"] = Field(
         "full", description="Which gates exist: both, the length gates only, or the depth gates only.")
     gate_strategy: Literal["per_token", "per_layer", "fixed", "random"] = Field(
-        "per_token", description="Length gates per token, one per layer, fixed all-on, or fixed random.")
+        "per_token", description="Length gates per token, one per layer, fixed all-on, or fixed random: "
+        "length and depth gates drawn once (logits ±2 + N(0, 0.5)) from the trial's seed, not trained.")
     control: Literal["none", "param_matched", "always_frozen", "explicit_reg"] = Field(
         "none", description="EuroSAT controls: no gates with as many extra parameters; gates frozen "
         "from the start; prompt dropout instead of gates.")
@@ -58,15 +59,15 @@ class AdaptiveBiMaPLe(BiMaPLe):
         length = init_gate_logits((self.depth, width), cfg.gate).to(device)
         depth = torch.full((max(self.depth - 1, 0),), cfg.depth_gate_init, device=device)
         if cfg.gate_strategy == "fixed":
-            length, depth = torch.full_like(length, 10.0), torch.full_like(depth, 10.0)  # all on
+            length, depth = torch.full_like(length, GATE_ON), torch.full_like(depth, GATE_ON)
         elif cfg.gate_strategy == "random":
-            g = torch.Generator().manual_seed(0)
-            signs = torch.randint(0, 2, length.shape, generator=g) * 4.0 - 2.0  # logits ±2 + N(0, 0.5)
-            length = (signs + 0.5 * torch.randn(length.shape, generator=g)).to(device)
+            # From the global RNG, which train() seeds with the trial's seed before building the method.
+            length = random_gate_logits(tuple(length.shape)).to(device)
+            depth = random_gate_logits(tuple(depth.shape)).to(device)
         trainable = cfg.control == "none" and cfg.gate_strategy in ("per_token", "per_layer")
         # Fixed, random and frozen gates are buffers: they act, but nothing trains them.
         self._set_gate("length_gates", length if use_length else None, trainable)
-        self._set_gate("depth_gates", depth if use_depth else None, trainable and cfg.gate_strategy != "random")
+        self._set_gate("depth_gates", depth if use_depth else None, trainable)
         self.token_bias = self.depth_scale = None
         if cfg.control == "param_matched":  # the same count of extra trainable parameters, no gating
             self.token_bias = nn.Parameter(torch.zeros(self.depth, cfg.n_ctx, 1, device=device))
@@ -88,6 +89,10 @@ class AdaptiveBiMaPLe(BiMaPLe):
         if self.token_bias is not None:
             groups["coupling"] += [self.token_bias, self.depth_scale]
         return groups
+
+    def swappable_gates(self) -> dict[str, torch.Tensor]:
+        gates = {"token": self.length_gates, "depth": self.depth_gates}
+        return {kind: g for kind, g in gates.items() if isinstance(g, nn.Parameter)}
 
     def _length_probs(self) -> torch.Tensor | None:
         if self.length_gates is None:

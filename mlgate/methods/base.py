@@ -7,9 +7,10 @@ groups so the optimizer, the diagnostics and ``mlgate describe`` all see the sam
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABCMeta, abstractmethod
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
@@ -52,6 +53,34 @@ class MethodConfig(StrictModel):
     """Base of every method's settings; subclasses add a ``name`` literal and their own fields."""
 
     name: str
+
+
+#: Gate logit of a gate that is fully on (σ(10) ≈ 0.99995): the ``fixed`` all-on strategy.
+GATE_ON = 10.0
+
+#: How :meth:`PromptMethod.swapped_gates` can replace learned gates at evaluation (the paper's Table II).
+GATE_SWAPS = ("fixed", "random", "per_layer", "per_token")
+
+
+def random_gate_logits(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random gate logits: ±2 with equal odds plus N(0, 0.5) noise, from ``generator`` (the global RNG
+    when None)."""
+    signs = torch.randint(0, 2, shape, generator=generator) * 4.0 - 2.0
+    return signs + 0.5 * torch.randn(shape, generator=generator)
+
+
+def swapped_logits(strategy: str, kind: str, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """What ``strategy`` puts in place of gate ``logits`` of ``kind`` (``token``: (..., n) per-token
+    gates, one row per layer; ``depth``: one insertion gate per layer)."""
+    if strategy == "fixed":
+        return torch.full_like(logits, GATE_ON)
+    if strategy == "random":
+        return random_gate_logits(tuple(logits.shape), generator).to(logits)
+    if strategy == "per_layer" and kind == "token":
+        return logits.mean(-1, keepdim=True).expand_as(logits)
+    if strategy in ("per_layer", "per_token"):
+        return logits
+    raise ValueError(f"unknown gate swap {strategy!r}; valid: {', '.join(GATE_SWAPS)}")
 
 
 def init_gate_logits(shape: int | tuple[int, ...], cfg: GateConfig,
@@ -163,6 +192,32 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
         diagnostics and the gate artifacts report (an annealed temperature alone moves nothing)."""
         logits = self.gate_logits()
         return None if logits is None else torch.sigmoid(logits)
+
+    def swappable_gates(self) -> dict[str, torch.Tensor]:
+        """The learned static gate logits by kind: ``token`` (per-token gates, (n,) or one row per layer
+        (layers, n)) and ``depth`` (one insertion gate per deep layer). Empty for a method without
+        learned gates, or whose gates are computed from the input (a head's weights are no logits)."""
+        return {}
+
+    @contextlib.contextmanager
+    def swapped_gates(self, strategy: str, seed: int = 0) -> Iterator[None]:
+        """Inside, the learned gates are replaced as ``strategy`` (one of :data:`GATE_SWAPS`) says:
+        ``fixed`` all on, ``random`` logits ±2 + N(0, 0.5) drawn from a generator seeded with ``seed``
+        (depth gates included), ``per_layer`` each layer's token gates set to their mean logit,
+        ``per_token`` the learned gates as they are. Values are written into the gate tensors in place
+        and restored bit for bit on exit: the Parameter objects, which the optimizer holds, stay."""
+        gates = self.swappable_gates()
+        saved = {kind: t.detach().clone() for kind, t in gates.items()}
+        generator = torch.Generator().manual_seed(seed)
+        try:
+            with torch.no_grad():
+                for kind, t in gates.items():
+                    t.copy_(swapped_logits(strategy, kind, t, generator))
+            yield
+        finally:
+            with torch.no_grad():
+                for kind, t in gates.items():
+                    t.copy_(saved[kind])
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """Method-specific metrics for the diagnostics row (device scalars), e.g. ``gate/depth_prob/d3``."""

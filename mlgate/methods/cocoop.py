@@ -71,6 +71,9 @@ class CoCoOp(PromptMethod):
             return self._last_logits
         return super().gate_logits()
 
+    def swappable_gates(self) -> dict[str, torch.Tensor]:
+        return {} if self.gates is None else {"token": self.gates}  # conditional gates have no logits to swap
+
     def gate_values(self) -> torch.Tensor | None:
         if self.gate_head is not None:
             return None if self._last_logits is None else self.gate_activation(self._last_logits)

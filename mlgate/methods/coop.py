@@ -48,6 +48,9 @@ class CoOp(PromptMethod):
             groups["gate"] = [self.gates]
         return groups
 
+    def swappable_gates(self) -> dict[str, torch.Tensor]:
+        return {} if self.gates is None else {"token": self.gates}
+
     def context(self) -> torch.Tensor:
         """The (gated) context vectors: (M, D), or (C, M, D) with class-specific context."""
         if self.gates is None:
