@@ -9,7 +9,7 @@ __all__ = ["monitor", "__version__"]
 def __getattr__(name: str):
     # Lazy, so `mlgate list` and friends do not import torch and MLflow just to start.
     if name == "monitor":
-        from mlgate.hook import monitor
+        from mlgate.monitoring import monitor
 
         return monitor
     raise AttributeError(f"module 'mlgate' has no attribute {name!r}")

@@ -226,8 +226,8 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
         if "mlgate_logging" in configs:  # MLflow only where logging is measured (a GPU box may lack it)
             from mlflow.tracking import MlflowClient
 
-            from mlgate.sender import MetricSender
-            from mlgate.tracking import TrialRun
+            from mlgate.tracking.sender import MetricSender
+            from mlgate.tracking.runs import TrialRun
 
             tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mlgate-bench-"))
             client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")

@@ -48,8 +48,8 @@ def _echo(prefix: str = "") -> Callable[[str], None]:
 def cmd_run(args: argparse.Namespace) -> int:
     from mlgate.progress import Progress
     from mlgate.spec import load_spec
-    from mlgate.study import run_study
-    from mlgate.workers import default_workers, run_workers
+    from mlgate.sweep import run_study
+    from mlgate.sweep.workers import default_workers, run_workers
 
     spec = load_spec(args.study, _overrides(args))
     workers = default_workers() if args.workers is None else args.workers

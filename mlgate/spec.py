@@ -11,7 +11,7 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
@@ -74,57 +74,76 @@ Distribution = Annotated[
 ]
 
 # --------------------------------------------------------------------------------------------------
-# Samplers and pruners.
+# Samplers and pruners: one class per Optuna kind. The spec's unions and the factory
+# (mlgate.sweep.search) both read SAMPLERS and PRUNERS, so adding a kind is one class here.
 
 
-class TPESamplerSpec(StrictModel):
+class OptunaKind(StrictModel):
+    """A sampler or pruner setting: ``optuna_class`` names the Optuna class, built with ``optuna_kwargs``."""
+
+    optuna_class: ClassVar[str]
+
+    def optuna_kwargs(self, spec: StudySpec) -> dict[str, Any]:
+        return self.model_dump(exclude={"type"})
+
+
+class TPESamplerSpec(OptunaKind):
+    optuna_class: ClassVar[str] = "TPESampler"
     type: Literal["tpe"] = "tpe"
     seed: int | None = 0
     n_startup_trials: int = Field(10, ge=0)
     multivariate: bool = True
 
 
-class RandomSamplerSpec(StrictModel):
+class RandomSamplerSpec(OptunaKind):
+    optuna_class: ClassVar[str] = "RandomSampler"
     type: Literal["random"]
     seed: int | None = 0
 
 
-class QMCSamplerSpec(StrictModel):
+class QMCSamplerSpec(OptunaKind):
+    optuna_class: ClassVar[str] = "QMCSampler"
     type: Literal["qmc"]
     seed: int | None = 0
 
 
-class GPSamplerSpec(StrictModel):
+class GPSamplerSpec(OptunaKind):
+    optuna_class: ClassVar[str] = "GPSampler"
     type: Literal["gp"]
     seed: int | None = 0
     n_startup_trials: int = Field(10, ge=0)
 
 
-class GridSamplerSpec(StrictModel):
+class GridSamplerSpec(OptunaKind):
     """Every combination of the search values once: categorical choices, and ints stepped low..high."""
 
+    optuna_class: ClassVar[str] = "GridSampler"
     type: Literal["grid"]
     seed: int | None = 0
 
-
-SamplerSpec = Annotated[
-    Union[TPESamplerSpec, RandomSamplerSpec, QMCSamplerSpec, GPSamplerSpec, GridSamplerSpec],
-    Field(discriminator="type"),
-]
+    def optuna_kwargs(self, spec: StudySpec) -> dict[str, Any]:
+        return {"search_space": spec.grid(), "seed": self.seed}
 
 
-class NoPrunerSpec(StrictModel):
+SAMPLERS = (TPESamplerSpec, RandomSamplerSpec, QMCSamplerSpec, GPSamplerSpec, GridSamplerSpec)
+SamplerSpec = Annotated[Union[SAMPLERS], Field(discriminator="type")]  # type: ignore[valid-type]
+
+
+class NoPrunerSpec(OptunaKind):
+    optuna_class: ClassVar[str] = "NopPruner"
     type: Literal["none"]
 
 
-class MedianPrunerSpec(StrictModel):
+class MedianPrunerSpec(OptunaKind):
+    optuna_class: ClassVar[str] = "MedianPruner"
     type: Literal["median"] = "median"
     n_startup_trials: int = Field(5, ge=0)
     n_warmup_steps: int = Field(0, ge=0)
     interval_steps: int = Field(1, ge=1)
 
 
-class PercentilePrunerSpec(StrictModel):
+class PercentilePrunerSpec(OptunaKind):
+    optuna_class: ClassVar[str] = "PercentilePruner"
     type: Literal["percentile"]
     percentile: float = Field(25.0, gt=0.0, lt=100.0)
     n_startup_trials: int = Field(5, ge=0)
@@ -132,15 +151,20 @@ class PercentilePrunerSpec(StrictModel):
     interval_steps: int = Field(1, ge=1)
 
 
-class HyperbandPrunerSpec(StrictModel):
+class HyperbandPrunerSpec(OptunaKind):
+    optuna_class: ClassVar[str] = "HyperbandPruner"
     type: Literal["hyperband"]
     min_resource: int = Field(1, ge=1)
     reduction_factor: int = Field(3, ge=2)
 
+    def optuna_kwargs(self, spec: StudySpec) -> dict[str, Any]:
+        return {**super().optuna_kwargs(spec), "max_resource": spec.train.steps or "auto"}
 
-class ThresholdPrunerSpec(StrictModel):
+
+class ThresholdPrunerSpec(OptunaKind):
     """Prune a trial whose objective leaves [lower, upper] after the warmup."""
 
+    optuna_class: ClassVar[str] = "ThresholdPruner"
     type: Literal["threshold"]
     lower: float | None = None
     upper: float | None = None
@@ -153,10 +177,8 @@ class ThresholdPrunerSpec(StrictModel):
         return self
 
 
-PrunerSpec = Annotated[
-    Union[NoPrunerSpec, MedianPrunerSpec, PercentilePrunerSpec, HyperbandPrunerSpec, ThresholdPrunerSpec],
-    Field(discriminator="type"),
-]
+PRUNERS = (NoPrunerSpec, MedianPrunerSpec, PercentilePrunerSpec, HyperbandPrunerSpec, ThresholdPrunerSpec)
+PrunerSpec = Annotated[Union[PRUNERS], Field(discriminator="type")]  # type: ignore[valid-type]
 
 # --------------------------------------------------------------------------------------------------
 # Sections.
@@ -602,8 +624,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "(top level)"
 
 
-_UNION_TAGS = {"float", "int", "categorical", "tpe", "random", "qmc", "gp", "grid", "none", "median", "percentile",
-               "hyperband", "threshold", *(c.model_fields["name"].default for c in _method_classes)}
+_UNION_TAGS = {"float", "int", "categorical", *(get_args(k.model_fields["type"].annotation)[0] for k in (*SAMPLERS, *PRUNERS)),
+               *(c.model_fields["name"].default for c in _method_classes)}
 
 
 def readable_problems(exc: ValidationError) -> list[str]:

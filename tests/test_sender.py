@@ -12,7 +12,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlgate.sender import SEND_INTERVAL_S, MetricSender
+from mlgate.tracking.sender import SEND_INTERVAL_S, MetricSender
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_a_killed_owners_sender_sends_what_it_was_given_and_ends(store):
     uri, client, run_id = store
     script = f"""
 import os, signal, time
-from mlgate.sender import MetricSender
+from mlgate.tracking.sender import MetricSender
 sender = MetricSender({uri!r})
 sender.log({run_id!r}, [("loss/total", float(i), 0, i) for i in range(5)])
 print(sender._process.pid, flush=True)
@@ -152,7 +152,7 @@ def test_an_interrupt_while_a_finished_trial_closes_still_closes_its_run(store, 
     import os
     import signal
 
-    from mlgate.tracking import STATE, TrialRun
+    from mlgate.tracking.runs import STATE, TrialRun
 
     uri, client, run_id = store
     sender = MetricSender(uri)

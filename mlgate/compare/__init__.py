@@ -20,7 +20,7 @@ from mlgate.compare.collect import RunSummary, collect_runs
 from mlgate.compare.render import render_csv, render_html, render_json, render_markdown, render_table
 from mlgate.compare.report import Report
 from mlgate.errors import MlgateError
-from mlgate.tracking import resolve_tracking_uri
+from mlgate.tracking.runs import resolve_tracking_uri
 from mlgate.verdicts import Thresholds
 
 FORMATS = ("table", "markdown", "csv", "json", "html")

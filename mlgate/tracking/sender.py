@@ -150,7 +150,7 @@ class MetricSender:
         # one, with its threads and CUDA context), so a sender starts in milliseconds after the first.
         if "forkserver" in mp.get_all_start_methods():
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["mlgate.sender", "mlflow.tracking", "mlflow.entities"])
+            ctx.set_forkserver_preload(["mlgate.tracking.sender", "mlflow.tracking", "mlflow.entities"])
         else:
             ctx = mp.get_context("spawn")
         self._requests, self._replies = ctx.Queue(), ctx.Queue()

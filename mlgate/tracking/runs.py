@@ -19,8 +19,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlgate import __version__
-from mlgate.context import context_tags
-from mlgate.sender import MetricSender, is_connection_error
+from mlgate.tracking.run_context import context_tags
+from mlgate.tracking.sender import MetricSender, is_connection_error
 from mlgate.verdicts import MetricHistory
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -46,7 +46,7 @@ def redact(url: str) -> str:
 class TrialRun:
     """An MLflow child run for one trial; also the trainer's metric sink.
 
-    Metrics go to a :class:`~mlgate.sender.MetricSender` process, which sends them with ``log_batch``
+    Metrics go to a :class:`~mlgate.tracking.sender.MetricSender` process, which sends them with ``log_batch``
     while training goes on and keeps them through a tracking-server outage; the run is closed only
     once everything has landed. Artifacts and tags are sent from here, retried through an outage of
     up to ``outage_s``.

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from mlgate.errors import StudyFailed
 from mlgate.spec import StudySpec
-from mlgate.study import close_study, open_study
+from mlgate.sweep.study import close_study, open_study
 from mlgate.training import preflight
 
 
