@@ -66,6 +66,70 @@ def test_masked_kv_prompts_equal_attention_without_those_tokens(clip):
         clip.encode_image_kv(images, [prompts[0][:4], *prompts[1:k]], stacked)
 
 
+def _reference_block(block, x, prompt, active, causal):
+    # KV-prompted attention written out: queries from ln_1(x), keys and values from ln_1([prompt, x]);
+    # inactive prompt tokens and (text) later positions get no weight; then open_clip's MLP residual.
+    n, length, width = x.shape
+    heads = block.attn.num_heads
+    h = block.ln_1(x)
+    kv = torch.cat([block.ln_1(prompt).expand(n, -1, -1), h], 1)
+    w_q, w_k, w_v = block.attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = block.attn.in_proj_bias.chunk(3)
+    split = lambda t: t.view(n, t.shape[1], heads, width // heads).transpose(1, 2)  # noqa: E731
+    q, k, v = split(h @ w_q.T + b_q), split(kv @ w_k.T + b_k), split(kv @ w_v.T + b_v)
+    scores = q @ k.transpose(-1, -2) / (width // heads) ** 0.5
+    visible = torch.ones(length, prompt.shape[0] + length, dtype=torch.bool)
+    visible[:, : prompt.shape[0]] = active.bool()
+    if causal:
+        visible[:, prompt.shape[0]:] = torch.ones(length, length, dtype=torch.bool).tril()
+    out = (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v).transpose(1, 2).reshape(n, length, width)
+    x = x + out @ block.attn.out_proj.weight.T + block.attn.out_proj.bias
+    return x + block.mlp(block.ln_2(x))
+
+
+def _reference_text(clip, embeds, eot, prompts, active):
+    x = embeds + clip.text.positional_embedding[: embeds.shape[1]]
+    for block, prompt, act in zip(clip.text.transformer.resblocks, prompts, active):
+        x = _reference_block(block, x, prompt, act, causal=True)
+    return clip.text.ln_final(x[torch.arange(len(x)), eot]) @ clip.text.text_projection
+
+
+def _reference_image(clip, images, prompts, active):
+    visual = clip.model.visual
+    x = visual._embeds(images)
+    for block, prompt, act in zip(visual.transformer.resblocks, prompts, active):
+        x = _reference_block(block, x, prompt, act, causal=False)
+    return visual.ln_post(x[:, 0]) @ visual.proj
+
+
+def test_kv_prompts_match_a_plain_reference_in_values_and_gradients(clip):
+    # mlgate's key/value path (its fused blocks, the stacked masks ADAPT trains with, the last block
+    # on the pooled rows only) against attention written out by hand, with some tokens masked.
+    layers, n_prompt = len(clip.text.transformer.resblocks), 5
+    active = (torch.rand(layers, n_prompt, generator=torch.Generator().manual_seed(3)) > 0.4).float()
+    active[:, 0] = 1.0
+    tokens = clip.tokenize(["a photo of a cat.", "a dog.", "a photo of a big red circle."])
+    eot = clip.eot_index(tokens)
+    embeds = clip.embed_tokens(tokens[:, : int(eot.max()) + 1])
+    images = _images(clip, 3)
+    towers = [(clip.text_width, lambda p: clip.encode_text_kv(embeds, eot, list(p), active),
+               lambda p: _reference_text(clip, embeds, eot, list(p), active)),
+              (clip.vision_width, lambda p: clip.encode_image_kv(images, list(p), active),
+               lambda p: _reference_image(clip, images, list(p), active))]
+    for width, encode, reference in towers:
+        base = torch.randn(layers, n_prompt, width, generator=torch.Generator().manual_seed(4))
+        results = []
+        for forward in (encode, reference):
+            prompts = base.clone().requires_grad_(True)
+            features = forward(prompts)
+            (features * torch.linspace(-1, 1, features.numel()).view_as(features)).sum().backward()
+            results.append((features.detach(), prompts.grad))
+        (ours, our_grad), (ref, ref_grad) = results
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(our_grad, ref_grad, atol=1e-5, rtol=1e-4)
+        assert our_grad[active == 0].abs().max() == 0 and our_grad[active == 1].abs().min() > 0
+
+
 def test_snip_grad_norm_and_l2_scores_by_hand(clip):
     method = build_method(AdaptConfig(depth=1, max_len=2), clip, CLASSES)
     with torch.no_grad():
