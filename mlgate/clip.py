@@ -399,6 +399,27 @@ class PromptedCLIP(nn.Module):
             x = self._kv_block(block, x, prompt, mask, self._pooled_rows(x) if i == len(blocks) - 1 else None)
         return self._image_output(x)
 
+    @torch.no_grad()
+    def text_layer_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The token states (N, L, D) at the input of each text block, for embedded prompts (N, L, D)."""
+        x, _ = self._text_input(x)
+        states = []
+        for block in self.text.transformer.resblocks:
+            states.append(x)
+            x = run_block(block, x, causal=True)
+        return states
+
+    @torch.no_grad()
+    def image_layer_inputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The token states (N, L, D) at the input of each vision block, for images (N, 3, H, W)."""
+        visual = self.model.visual
+        x = visual._embeds(images.to(visual.conv1.weight.dtype))
+        states = []
+        for block in visual.transformer.resblocks:
+            states.append(x)
+            x = run_block(block, x)
+        return states
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Image features (N, E) from the frozen vision tower."""
         return self.model.encode_image(images)

@@ -377,6 +377,11 @@ def frozen_features(clip: PromptedCLIP, data: FewShotData, spec: StudySpec, devi
     return splits
 
 
+def _spread(images: torch.Tensor | ImageSet, n: int) -> torch.Tensor:
+    # Up to n images evenly spread over a split (which lists its classes one after another).
+    return images[torch.linspace(0, len(images) - 1, min(n, len(images))).long()]
+
+
 def _augments(spec: StudySpec, split: Split) -> bool:
     return spec.data.augment and isinstance(split.images, ImageSet)
 
@@ -402,6 +407,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
         if _augments(spec, data.train):  # a fresh crop and flip every time an image is drawn
             raw["train"] = Split(data.train.images.augmented(seed), data.train.labels)
         splits = {k: Split(s.images.to(device), s.labels.to(device)) for k, s in raw.items()}
+        method.init_from_data(_spread(data.train.images, 64))  # (centre crops: no augmentation draw)
     else:
         splits = frozen_features(clip, data, spec, device)
 

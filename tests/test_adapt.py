@@ -130,6 +130,31 @@ def test_kv_prompts_match_a_plain_reference_in_values_and_gradients(clip):
         assert our_grad[active == 0].abs().max() == 0 and our_grad[active == 1].abs().min() > 0
 
 
+def test_mean_init_leaves_the_frozen_model_nearly_as_it_was():
+    # Random tokens through ln_1 become full-norm keys and values that take much of the attention of
+    # the few query tokens: the features move. Started at their layer's mean token state, they hardly do.
+    from mlgate.data import load_dataset
+
+    torch.manual_seed(0)
+    clip = load_backbone("mlgate-tiny", "mlgate")
+    data = load_dataset("shapes", 16, 1, clip.image_norm)
+    images = data.train.images[::8]
+    unprompted = None
+    similarity = {}
+    for init in ("random", "mean"):
+        method = build_method(AdaptConfig(init=init), clip, data.classnames)
+        method.init_from_data(images)
+        with torch.no_grad():
+            features = (method.clip.encode_text_kv(method.text_embeds, method.eot, list(method.text_prompts)),
+                        method.clip.encode_image_kv(images, list(method.vision_prompts)))
+            unprompted = unprompted or (method.clip.encode_text_kv(method.text_embeds, method.eot, []),
+                                        method.clip.encode_image_kv(images, []))
+        similarity[init] = [torch.nn.functional.cosine_similarity(f, u).mean().item()
+                            for f, u in zip(features, unprompted)]
+    assert min(similarity["mean"]) > 0.97, similarity
+    assert similarity["random"][1] < 0.8, similarity  # the image features of random prompts
+
+
 def test_snip_grad_norm_and_l2_scores_by_hand(clip):
     method = build_method(AdaptConfig(depth=1, max_len=2), clip, CLASSES)
     with torch.no_grad():
