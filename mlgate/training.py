@@ -30,7 +30,7 @@ from mlgate.errors import MlgateError
 from mlgate.folders import ImageSet, PendingBatch
 from mlgate.diagnostics import Diagnostics, binary_entropy
 from mlgate.methods import PromptMethod, build_method
-from mlgate.spec import PhasesSpec, StudySpec, TemperatureSpec, TrainSpec
+from mlgate.spec import PhasesSpec, StudySpec, TemperatureSpec, TrainSpec, schedule_problems
 from mlgate.verdicts import MetricHistory, Thresholds
 
 EVAL_METRICS = ("acc/val", "acc/base", "acc/novel", "acc/hm")
@@ -347,13 +347,17 @@ def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, gr
 def preflight(spec: StudySpec) -> None:
     """Build the backbone, the data and the method once on the CPU, so a spec that cannot train (missing
     weights, a wrong dataset layout, a depth beyond the backbone's layers, a ctx_init of the wrong
-    length) fails before any trial starts."""
+    length, an ADAPT schedule that cannot prune to its target) fails before any trial starts."""
     clip = load_backbone(spec.backbone.name, spec.backbone.pretrained, "cpu")
-    load_data(spec, clip)
+    data = load_data(spec, clip)
     try:
         build_method(spec.method, clip, ["a", "b"])
     except ValueError as exc:
         raise MlgateError(f"method: {exc}.") from None
+    # ADAPT's pruning, with this backbone's layers and this data's training images: exact.
+    problems = schedule_problems(spec, clip.num_layers, len(data.train))
+    if problems:
+        raise MlgateError(f"{spec.name}: the pruning schedule does not reach method.t_target.", problems)
 
 
 def load_data(spec: StudySpec, clip: PromptedCLIP) -> FewShotData:

@@ -5,7 +5,8 @@ self-attention at every layer (Eq. 7-8), under binary masks that start all ones.
 active length exceeds ``t_target``, saliency scores (Eq. 6: Snip |∂L/∂P ⊙ P|, gradient norm, or l2 norm,
 per token) are accumulated; at every ``n_k``-th step after the warmup the ``r_p`` lowest-scoring active
 tokens across both branches are pruned (never below ``t_target``) and the scores reset (Algorithm 1).
-Masked tokens take no part in attention. After training the prompts are compacted to the active tokens.
+Masked tokens take no part in attention (the paper's P ⊙ M: its FLOPs fall with T_target, and a zeroed
+token would still be attended, as the constant ln_1(0) = β). After training the prompts are compacted.
 Optional angular knowledge distillation (the TMLR revision): 1 − cos to the frozen model's embeddings.
 
 Prompts go through each block's ``ln_1`` with the tokens, which discards their scale: a random token
@@ -18,7 +19,6 @@ untrained prompts leave the frozen model nearly as it was.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from mlgate.errors import MlgateError
 from mlgate.methods import register
 from mlgate.methods.base import MethodConfig, PromptMethod
+from mlgate.pruning import plan_pruning
 
 INIT_STD = 0.02  # the random init's per-element standard deviation (the paper's, DPL's)
 
@@ -55,21 +57,13 @@ class AdaptConfig(MethodConfig):
 
 
 class PruningSchedule:
-    """When to prune how many tokens: ``r_p`` every ``n_k`` steps after the warmup, derived from the
-    step budget unless ``n_k`` is given, so that the target is reached by 80% of the remaining steps."""
+    """When to prune how many tokens: ``r_p`` every ``n_k`` steps after the warmup, as
+    :func:`~mlgate.pruning.plan_pruning` plans it (``n_k`` derived from the step budget unless given)."""
 
-    def __init__(self, total_tokens: int, cfg: AdaptConfig, total_steps: int, steps_per_epoch: int = 1) -> None:
-        excess = max(0, total_tokens - cfg.t_target)
-        self.warmup = cfg.warmup_steps + round(cfg.warmup_epochs * steps_per_epoch)
-        self.r_p = cfg.r_p
-        if cfg.n_k is not None:
-            self.n_k = cfg.n_k
-        else:
-            window = max(1, int(0.8 * (total_steps - self.warmup)))
-            events = max(1, math.ceil(excess / cfg.r_p))
-            if events > window:  # too few steps for r_p: prune more per event instead
-                self.r_p, events = math.ceil(excess / window), window
-            self.n_k = max(1, window // events)
+    def __init__(self, depth: int, cfg: AdaptConfig, total_steps: int, steps_per_epoch: int = 1) -> None:
+        self.plan = plan_pruning(depth, cfg.max_len, cfg.t_target, cfg.r_p, cfg.n_k, cfg.warmup_steps,
+                                 cfg.warmup_epochs, total_steps, steps_per_epoch)
+        self.warmup, self.n_k, self.r_p = self.plan.warmup, self.plan.n_k, self.plan.r_p
 
     def is_prune_step(self, step: int) -> bool:
         return step > self.warmup and (step - self.warmup) % self.n_k == 0
@@ -208,11 +202,13 @@ class Adapt(PromptMethod):
             self.vision_scores += vision
 
     def on_train_start(self, total_steps: int, steps_per_epoch: int) -> None:
-        self.schedule = PruningSchedule(self.text_mask.numel() * 2, self.cfg, total_steps, steps_per_epoch)
+        self.schedule = PruningSchedule(self.depth, self.cfg, total_steps, steps_per_epoch)
+        if not self.schedule.plan.reaches:  # (spec validation and the preflight refuse such specs first)
+            raise MlgateError(f"method: {self.schedule.plan.problem()}")
 
     def on_step(self, step: int, total_steps: int) -> None:
         if self.schedule is None:  # driven without train() (the benchmark): steps only
-            self.schedule = PruningSchedule(self.text_mask.numel() * 2, self.cfg, total_steps)
+            self.schedule = PruningSchedule(self.depth, self.cfg, total_steps)
         if not self.schedule.is_prune_step(step):
             return
         excess = self._active - self.cfg.t_target
