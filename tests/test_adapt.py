@@ -15,7 +15,8 @@ from mlgate.methods import build_method
 from mlgate.methods.adapt import AdaptConfig, PruningSchedule
 from mlgate.pruning import backbone_layers, plan_pruning, training_images, trial_problem
 from mlgate.spec import StudySpec, list_studies, load_spec, schedule_configs
-from mlgate.training import preflight, train
+from mlgate.training import load_data, preflight, train
+from mlgate.zeroshot import evaluate_zero_shot
 from tests.conftest import TINY, deep_update
 from tests.test_study import runs_of
 
@@ -289,6 +290,16 @@ def test_describe_adapt_reports_unpruned_and_pruned_sizes(capsys):
     assert info["prompt_tokens_unpruned"] == 2 * 3 * 16 and info["prompt_tokens_pruned"] == 32
     assert info["trainable_params"] == 3 * 16 * (128 + 128)
     assert info["pruned_params_range"] == [32 * 128, 32 * 128]
+
+
+def test_the_adapt_recipe_ends_above_zero_shot_on_base_classes():
+    # The adapt study's recipe (its search left out: T_target 32 of 96, Snip), 40 steps.
+    spec = load_spec("adapt")
+    clip = load_backbone(spec.backbone.name, spec.backbone.pretrained)
+    zero_shot = evaluate_zero_shot(clip, load_data(spec, clip))
+    outcome = train(spec)
+    assert outcome.final["mask/active_tokens"] == spec.method.t_target
+    assert outcome.final["acc/base"] > zero_shot["acc_base"], (outcome.final, zero_shot)
 
 
 # ---- the pruning schedule reaches T_target, or the spec is refused -----------------------------------
