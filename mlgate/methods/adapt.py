@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 import numpy as np
 import torch
@@ -90,7 +90,7 @@ class Adapt(PromptMethod):
         if cfg.init == "mean":
             states = clip.text_layer_inputs(self.text_embeds)
             real = torch.arange(self.text_embeds.shape[1], device=device) <= self.eot[:, None]  # up to EOT
-            self._add_mean_direction(self.text_prompts, [s[real] for s in states])
+            self._add_mean_direction(self.text_prompts, (s[real] for s in states))
         self.register_buffer("text_mask", torch.ones(shape, device=device))
         self.register_buffer("vision_mask", torch.ones(shape, device=device))
         self.register_buffer("text_scores", torch.zeros(shape, device=device))
@@ -122,11 +122,11 @@ class Adapt(PromptMethod):
         """With ``init`` mean, start the vision prompts at the mean token state over ``images``."""
         if not self._vision_started:
             states = self.clip.image_layer_inputs(images.to(self.vision_prompts.device))
-            self._add_mean_direction(self.vision_prompts, [s.flatten(0, 1) for s in states])
+            self._add_mean_direction(self.vision_prompts, (s.flatten(0, 1) for s in states))
             self._vision_started = True
 
     @torch.no_grad()
-    def _add_mean_direction(self, prompts: nn.Parameter, states: list[torch.Tensor]) -> None:
+    def _add_mean_direction(self, prompts: nn.Parameter, states: Iterable[torch.Tensor]) -> None:
         # Every token of layer k gets the direction of the mean state (T, D) at layer k's input, at the
         # random init's norm (ln_1 keeps only the direction, and the norm sets the effective step size
         # and what the l2 and gradient-norm scores compare). The random part keeps the tokens distinct.
