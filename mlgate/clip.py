@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 from pathlib import Path
 
 import open_clip
@@ -398,6 +398,24 @@ class PromptedCLIP(nn.Module):
             prompt = prompts[i] if i < len(prompts) else None
             x = self._kv_block(block, x, prompt, mask, self._pooled_rows(x) if i == len(blocks) - 1 else None)
         return self._image_output(x)
+
+    @torch.no_grad()
+    def text_layer_inputs(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The token states (N, L, D) at the input of each text block in turn, for embedded prompts
+        (N, L, D); a block runs when the next state is asked for."""
+        x, _ = self._text_input(x)
+        for block in self.text.transformer.resblocks:
+            yield x
+            x = run_block(block, x, causal=True)
+
+    @torch.no_grad()
+    def image_layer_inputs(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The token states (N, L, D) at the input of each vision block in turn, for images (N, 3, H, W)."""
+        visual = self.model.visual
+        x = visual._embeds(images.to(visual.conv1.weight.dtype))
+        for block in visual.transformer.resblocks:
+            yield x
+            x = run_block(block, x)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Image features (N, E) from the frozen vision tower."""

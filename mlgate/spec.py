@@ -8,6 +8,7 @@ the sampled values written at those paths, validated again.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import re
 from pathlib import Path
@@ -19,6 +20,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from mlgate.errors import SpecError
 from mlgate.methods import config_classes, method_class
 from mlgate.methods.base import StrictModel
+from mlgate.pruning import backbone_layers, training_images, trial_problem
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
@@ -649,6 +651,7 @@ def validate_data(data: dict[str, Any], source: str) -> StudySpec:
     except ValidationError as exc:
         raise SpecError(f"{source}: invalid study spec.", readable_problems(exc)) from None
     problems = _check_search_values(spec)
+    problems = problems or schedule_problems(spec)
     if problems:
         raise SpecError(f"{source}: invalid study spec.", problems)
     return spec
@@ -665,6 +668,54 @@ def _check_search_values(spec: StudySpec) -> list[str]:
             except ValidationError as exc:
                 detail = "; ".join(readable_problems(exc))
                 problems.append(f"search.{key}: value {value!r} would make an invalid trial config ({detail})")
+    return problems
+
+
+# Settings that ADAPT's pruning schedule depends on (a variant may set any of them).
+_SCHEDULE_KEYS = ("variant", "method.", "backbone.name", "data.name", "data.shots", "data.subsample",
+                  "train.steps", "train.epochs", "train.batch_size")
+
+
+def _probe_values(dist: Any) -> list[Any]:
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    if isinstance(dist, IntDistribution):
+        return [dist.low, dist.low + (dist.high - dist.low) // dist.step * dist.step]
+    return [dist.low, dist.high]
+
+
+def schedule_configs(spec: StudySpec) -> list[tuple[dict[str, Any], StudySpec]]:
+    """The trial configs a search can produce, as ADAPT's pruning schedule tells them apart: every
+    combination of the searched choices and of both ends of searched ranges (whether a schedule
+    finishes is monotone in each number it depends on), as (values, config); the spec itself when
+    nothing it depends on is searched."""
+    keys = [k for k in spec.search if k == "variant" or k.startswith(_SCHEDULE_KEYS)]
+    configs = []
+    for combo in itertools.product(*(_probe_values(spec.search[k]) for k in keys)):
+        values = dict(zip(keys, combo))
+        try:
+            configs.append((values, spec.with_values(values) if values else spec))
+        except ValidationError:
+            continue  # (_check_search_values reports it)
+    return configs
+
+
+def schedule_problems(spec: StudySpec, layers: int | None = None, n_train: int | None = None) -> list[str]:
+    """Every trial config whose ADAPT pruning cannot reach its target or prunes nothing, one line
+    each. ``layers`` and ``n_train`` are the spec's own backbone's layers and its own data's training
+    images where known (the preflight's exact numbers); otherwise they are looked up without torch
+    (model-config JSON, known datasets' class counts), and a config whose numbers are unknown is skipped."""
+    problems = []
+    for values, config in schedule_configs(spec):
+        config_layers = layers if layers is not None and config.backbone.name == spec.backbone.name \
+            else backbone_layers(config.backbone.name)
+        config_images = n_train if n_train is not None and config.data == spec.data else training_images(config.data)
+        problem = trial_problem(config, config_layers, config_images)
+        if problem:
+            where = ", ".join(f"{k}={v}" for k, v in values.items())
+            problems.append(f"search ({where}): {problem}" if where else problem)
+    if len(problems) > 6:  # the first few say what is wrong; the count, how widely
+        problems = [*problems[:5], f"... and {len(problems) - 5} more trial configs like these"]
     return problems
 
 

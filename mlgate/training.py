@@ -31,7 +31,7 @@ from mlgate.folders import ImageSet, PendingBatch
 from mlgate.diagnostics import Diagnostics, binary_entropy, input_spread
 from mlgate.methods import PromptMethod, build_method
 from mlgate.methods.base import GATE_SWAPS
-from mlgate.spec import PhasesSpec, StudySpec, TemperatureSpec, TrainSpec
+from mlgate.spec import PhasesSpec, StudySpec, TemperatureSpec, TrainSpec, schedule_problems
 from mlgate.verdicts import MetricHistory, Thresholds
 
 EVAL_METRICS = ("acc/val", "acc/base", "acc/novel", "acc/hm")
@@ -374,13 +374,17 @@ def optimization_step(method: PromptMethod, optimizer: torch.optim.Optimizer, gr
 def preflight(spec: StudySpec) -> None:
     """Build the backbone, the data and the method once on the CPU, so a spec that cannot train (missing
     weights, a wrong dataset layout, a depth beyond the backbone's layers, a ctx_init of the wrong
-    length) fails before any trial starts."""
+    length, an ADAPT schedule that cannot prune to its target) fails before any trial starts."""
     clip = load_backbone(spec.backbone.name, spec.backbone.pretrained, "cpu")
-    load_data(spec, clip)
+    data = load_data(spec, clip)
     try:
         build_method(spec.method, clip, ["a", "b"])
     except ValueError as exc:
         raise MlgateError(f"method: {exc}.") from None
+    # ADAPT's pruning, with this backbone's layers and this data's training images: exact.
+    problems = schedule_problems(spec, clip.num_layers, len(data.train))
+    if problems:
+        raise MlgateError(f"{spec.name}: the pruning schedule does not reach method.t_target.", problems)
 
 
 def load_data(spec: StudySpec, clip: PromptedCLIP) -> FewShotData:
@@ -402,6 +406,11 @@ def frozen_features(clip: PromptedCLIP, data: FewShotData, spec: StudySpec, devi
     else:
         splits["train"] = cache(data.train)
     return splits
+
+
+def _spread(images: torch.Tensor | ImageSet, n: int) -> torch.Tensor:
+    # Up to n images evenly spread over a split (which lists its classes one after another).
+    return images[torch.linspace(0, len(images) - 1, min(n, len(images))).long()]
 
 
 def _augments(spec: StudySpec, split: Split) -> bool:
@@ -429,6 +438,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
         if _augments(spec, data.train):  # a fresh crop and flip every time an image is drawn
             raw["train"] = Split(data.train.images.augmented(seed), data.train.labels)
         splits = {k: Split(s.images.to(device), s.labels.to(device)) for k, s in raw.items()}
+        method.init_from_data(_spread(data.train.images, 64))  # (centre crops: no augmentation draw)
     else:
         splits = frozen_features(clip, data, spec, device)
 

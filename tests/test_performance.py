@@ -635,7 +635,7 @@ def test_a_compiled_step_trains_like_an_eager_one_and_compiles_once(method, mode
     sections = {"method": {"name": method},
                 "train": {"steps": 8, "eval_interval": 8, "gates": {"temperature": {"start": 2.0, "end": 0.5}}}}
     if method == "adapt":
-        sections["method"].update({"n_k": 2, "r_p": 2, "t_target": 8})
+        sections["method"].update({"n_k": 2, "r_p": 2, "t_target": 88})  # pruning at steps 2, 4, 6 and 8
     keys = ["loss/total", "grad/prompt_norm"] + {"coop": ["grad/gap_log10", "gate/drift", "gate/entropy"],
                                                  "adapt": ["mask/active_tokens"]}.get(method, [])
     series = {}

@@ -5,16 +5,22 @@ self-attention at every layer (Eq. 7-8), under binary masks that start all ones.
 active length exceeds ``t_target``, saliency scores (Eq. 6: Snip |∂L/∂P ⊙ P|, gradient norm, or l2 norm,
 per token) are accumulated; at every ``n_k``-th step after the warmup the ``r_p`` lowest-scoring active
 tokens across both branches are pruned (never below ``t_target``) and the scores reset (Algorithm 1).
-Masked tokens take no part in attention. After training the prompts are compacted to the active tokens.
+Masked tokens take no part in attention (the paper's P ⊙ M: its FLOPs fall with T_target, and a zeroed
+token would still be attended, as the constant ln_1(0) = β). After training the prompts are compacted.
 Optional angular knowledge distillation (the TMLR revision): 1 − cos to the frozen model's embeddings.
+
+Prompts go through each block's ``ln_1`` with the tokens, which discards their scale: a random token
+becomes a full-norm key and value, and a layer's prompts can draw most of the attention of a short
+class prompt. By default each token therefore starts at the mean token state its layer sees (its key
+gets about the average logit, its value is about what queries already read) plus the random init, so
+untrained prompts leave the frozen model nearly as it was.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 import numpy as np
 import torch
@@ -22,8 +28,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from mlgate.errors import MlgateError
 from mlgate.methods import register
 from mlgate.methods.base import MethodConfig, PromptMethod
+from mlgate.pruning import plan_pruning
+
+INIT_STD = 0.02  # the random init's per-element standard deviation (the paper's, DPL's)
 
 
 class AdaptConfig(MethodConfig):
@@ -38,26 +48,22 @@ class AdaptConfig(MethodConfig):
     warmup_steps: int = Field(0, ge=0, description="Steps before the first pruning.")
     warmup_epochs: float = Field(0.0, ge=0.0, description="Epochs before the first pruning (paper: 5), added to "
                                  "warmup_steps.")
+    init: Literal["mean", "random"] = Field(
+        "mean", description="How prompts start. mean: the mean token state of the layer's input (text: over "
+        "the class prompts; vision: over training images, given by the trainer) at the random init's norm, plus "
+        "the random init: near-inert. random: N(0, 0.02), the paper's randomly initialized prompt.")
     template: str = Field("a photo of a {}.", description="Text the prompts condition (the query tokens).")
     distill_weight: float = Field(0.0, ge=0.0, description="Angular knowledge distillation weight (0: off).")
 
 
 class PruningSchedule:
-    """When to prune how many tokens: ``r_p`` every ``n_k`` steps after the warmup, derived from the
-    step budget unless ``n_k`` is given, so that the target is reached by 80% of the remaining steps."""
+    """When to prune how many tokens: ``r_p`` every ``n_k`` steps after the warmup, as
+    :func:`~mlgate.pruning.plan_pruning` plans it (``n_k`` derived from the step budget unless given)."""
 
-    def __init__(self, total_tokens: int, cfg: AdaptConfig, total_steps: int, steps_per_epoch: int = 1) -> None:
-        excess = max(0, total_tokens - cfg.t_target)
-        self.warmup = cfg.warmup_steps + round(cfg.warmup_epochs * steps_per_epoch)
-        self.r_p = cfg.r_p
-        if cfg.n_k is not None:
-            self.n_k = cfg.n_k
-        else:
-            window = max(1, int(0.8 * (total_steps - self.warmup)))
-            events = max(1, math.ceil(excess / cfg.r_p))
-            if events > window:  # too few steps for r_p: prune more per event instead
-                self.r_p, events = math.ceil(excess / window), window
-            self.n_k = max(1, window // events)
+    def __init__(self, depth: int, cfg: AdaptConfig, total_steps: int, steps_per_epoch: int = 1) -> None:
+        self.plan = plan_pruning(depth, cfg.max_len, cfg.t_target, cfg.r_p, cfg.n_k, cfg.warmup_steps,
+                                 cfg.warmup_epochs, total_steps, steps_per_epoch)
+        self.warmup, self.n_k, self.r_p = self.plan.warmup, self.plan.n_k, self.plan.r_p
 
     def is_prune_step(self, step: int) -> bool:
         return step > self.warmup and (step - self.warmup) % self.n_k == 0
@@ -78,8 +84,13 @@ class Adapt(PromptMethod):
         self.classnames = list(classnames)
         self._embed_text(trim=True)
         shape = (self.depth, cfg.max_len)
-        self.text_prompts = nn.Parameter(torch.randn(*shape, clip.text_width, device=device) * 0.02)
-        self.vision_prompts = nn.Parameter(torch.randn(*shape, clip.vision_width, device=device) * 0.02)
+        self.text_prompts = nn.Parameter(torch.randn(*shape, clip.text_width, device=device) * INIT_STD)
+        self.vision_prompts = nn.Parameter(torch.randn(*shape, clip.vision_width, device=device) * INIT_STD)
+        self._vision_started = cfg.init != "mean"  # the vision prompts wait for init_from_data's images
+        if cfg.init == "mean":
+            states = clip.text_layer_inputs(self.text_embeds)
+            real = torch.arange(self.text_embeds.shape[1], device=device) <= self.eot[:, None]  # up to EOT
+            self._add_mean_direction(self.text_prompts, (s[real] for s in states))
         self.register_buffer("text_mask", torch.ones(shape, device=device))
         self.register_buffer("vision_mask", torch.ones(shape, device=device))
         self.register_buffer("text_scores", torch.zeros(shape, device=device))
@@ -106,6 +117,23 @@ class Adapt(PromptMethod):
 
     def use_full_context(self) -> None:
         self._embed_text(trim=False)
+
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """With ``init`` mean, start the vision prompts at the mean token state over ``images``."""
+        if not self._vision_started:
+            states = self.clip.image_layer_inputs(images.to(self.vision_prompts.device))
+            self._add_mean_direction(self.vision_prompts, (s.flatten(0, 1) for s in states))
+            self._vision_started = True
+
+    @torch.no_grad()
+    def _add_mean_direction(self, prompts: nn.Parameter, states: Iterable[torch.Tensor]) -> None:
+        # Every token of layer k gets the direction of the mean state (T, D) at layer k's input, at the
+        # random init's norm (ln_1 keeps only the direction, and the norm sets the effective step size
+        # and what the l2 and gradient-norm scores compare). The random part keeps the tokens distinct.
+        for layer, tokens in zip(prompts, states):
+            mean = tokens.float().mean(0)
+            mean = mean - mean.mean()  # ln_1 removes it anyway
+            layer += (INIT_STD * mean.numel() ** 0.5 * mean / mean.norm().clamp_min(1e-12)).to(layer.dtype)
 
     # ---- parameters and metrics ----------------------------------------------------------------------
 
@@ -174,11 +202,13 @@ class Adapt(PromptMethod):
             self.vision_scores += vision
 
     def on_train_start(self, total_steps: int, steps_per_epoch: int) -> None:
-        self.schedule = PruningSchedule(self.text_mask.numel() * 2, self.cfg, total_steps, steps_per_epoch)
+        self.schedule = PruningSchedule(self.depth, self.cfg, total_steps, steps_per_epoch)
+        if not self.schedule.plan.reaches:  # (spec validation and the preflight refuse such specs first)
+            raise MlgateError(f"method: {self.schedule.plan.problem()}")
 
     def on_step(self, step: int, total_steps: int) -> None:
         if self.schedule is None:  # driven without train() (the benchmark): steps only
-            self.schedule = PruningSchedule(self.text_mask.numel() * 2, self.cfg, total_steps)
+            self.schedule = PruningSchedule(self.depth, self.cfg, total_steps)
         if not self.schedule.is_prune_step(step):
             return
         excess = self._active - self.cfg.t_target

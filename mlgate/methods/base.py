@@ -225,6 +225,9 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
 
     # ---- training-loop hooks (no-ops unless a method needs them, like ADAPT's pruning) ---------------
 
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Before the first step, for methods that prompt the vision tower: some training images."""
+
     def on_train_start(self, total_steps: int, steps_per_epoch: int) -> None:
         """Called once before the first step with the trial's step budget and epoch length."""
 
