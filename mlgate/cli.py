@@ -1,4 +1,4 @@
-"""``mlgate`` command line (contract §1). ``python -m mlgate`` is the same program.
+"""The ``mlgate`` command line. ``python -m mlgate`` is the same program.
 
 Bad input exits 2 with one readable paragraph on stderr; a study that cannot finish exits 1.
 """
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from mlgate.errors import MlgateError, StudyFailed
 
 if TYPE_CHECKING:  # torch-heavy modules load lazily, so `mlgate --help` stays fast
-    from mlgate.clip import ImageNorm
+    from mlgate.data.images import ImageNorm
     from mlgate.data import FewShotData
 
 
@@ -47,7 +47,7 @@ def _echo(prefix: str = "") -> Callable[[str], None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mlgate.progress import Progress
-    from mlgate.spec import load_spec
+    from mlgate.config import load_spec
     from mlgate.sweep import run_study
     from mlgate.sweep.workers import default_workers, run_workers
 
@@ -73,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mlgate.spec import load_spec
+    from mlgate.config import load_spec
 
     failed = 0
     for study in args.study:
@@ -91,7 +91,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     import yaml
 
-    from mlgate.spec import list_studies, study_name
+    from mlgate.config import list_studies, study_name
 
     for path in list_studies():
         name = study_name(path)
@@ -105,14 +105,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from mlgate.spec import json_schema
+    from mlgate.config import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return 0
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    from mlgate.describe import describe
+    from mlgate.methods.describe import describe
 
     info = describe(args.method, args.backbone, list(args.set or []), args.classes)
     if args.json:
@@ -149,9 +149,9 @@ def _load_data(args: argparse.Namespace, norm: ImageNorm) -> FewShotData:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mlgate.clip import load_backbone
-    from mlgate.training import resolve_device
-    from mlgate.zeroshot import evaluate_zero_shot
+    from mlgate.model import load_backbone
+    from mlgate.training.step import resolve_device
+    from mlgate.model.zeroshot import evaluate_zero_shot
 
     clip = load_backbone(args.backbone, args.pretrained, resolve_device("auto"))
     data = _load_data(args, clip.image_norm)
@@ -166,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data_summary(args: argparse.Namespace) -> int:
-    from mlgate.clip import ImageNorm
+    from mlgate.data.images import ImageNorm
 
     data = _load_data(args, ImageNorm(32, (0.5,) * 3, (0.5,) * 3))
     summary = data.summary()

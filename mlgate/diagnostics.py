@@ -1,4 +1,4 @@
-"""Gradient and gate diagnostics in the contract's metric vocabulary, computed on the device.
+"""Gradient and gate diagnostics in mlgate's metric vocabulary (docs/metrics.md), computed on the device.
 
 A recorded step keeps a few small copies on the training device (gradient norms, the gate gradient and
 values); :meth:`Diagnostics.drain` computes every metric of the queued steps in one batched pass and moves

@@ -11,7 +11,7 @@
                 mon.losses(total=loss)          # optional: also log loss/*
                 optimizer.step()                # the hook records grad/* and gate/* here
 
-The run then carries the contract's metric vocabulary and an ``mlgate.verdict`` tag, so
+The run then carries mlgate's metric vocabulary (docs/metrics.md) and an ``mlgate.verdict`` tag, so
 ``python -m mlgate.compare`` can diagnose it like a run mlgate trained itself.
 """
 

@@ -9,16 +9,19 @@ import pytest
 import torch
 
 from mlgate.cli import main
-from mlgate.clip import load_backbone, stock_blocks
+from mlgate.bench.reference import ReferenceCLIP
+from mlgate.model import load_backbone
 from mlgate.errors import MlgateError
 from mlgate.methods import build_method
 from mlgate.methods.adapt import AdaptConfig, PruningSchedule
-from mlgate.pruning import backbone_layers, plan_pruning, training_images, trial_problem
-from mlgate.spec import StudySpec, list_studies, load_spec, schedule_configs
+from mlgate.config.pruning import backbone_layers, plan_pruning, training_images, trial_problem
+from mlgate.config.spec import StudySpec
+from mlgate.config import list_studies, load_spec
+from mlgate.config.loading import schedule_configs
 from mlgate.training import load_data, preflight, train
-from mlgate.zeroshot import evaluate_zero_shot
+from mlgate.model.zeroshot import evaluate_zero_shot
 from tests.conftest import TINY, deep_update
-from tests.test_study import runs_of
+from tests.test_studies_in_mlflow import runs_of
 
 CLASSES = ["zero", "one", "two", "three"]
 
@@ -52,12 +55,12 @@ def test_masked_kv_prompts_equal_attention_without_those_tokens(clip):
                                clip.encode_text_kv(x, eot, [p[a.bool()] for p, a in zip(text_prompts, active)]),
                                atol=1e-5, rtol=1e-5)
     assert clip.encode_text_kv(x, eot, []).shape == (2, clip.model.text_projection.shape[1])
-    # open_clip's own blocks (the bench's reference) take the same masks: the same features.
-    with stock_blocks():
-        torch.testing.assert_close(clip.encode_image_kv(images, prompts, active), masked, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(clip.encode_text_kv(x, eot, text_prompts, active),
-                                   clip.encode_text_kv(x, eot, [p[a.bool()] for p, a in zip(text_prompts, active)]),
-                                   atol=1e-5, rtol=1e-5)
+    # open_clip's own blocks on the full context (the bench's reference) take the same masks: the same features.
+    reference = ReferenceCLIP.of(clip)
+    torch.testing.assert_close(reference.encode_image_kv(images, prompts, active), masked, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reference.encode_text_kv(x, eot, text_prompts, active),
+                               clip.encode_text_kv(x, eot, [p[a.bool()] for p, a in zip(text_prompts, active)]),
+                               atol=1e-5, rtol=1e-5)
     # One (K, P) tensor for the first K layers' prompts (how ADAPT trains: its masks built for all
     # layers at once): the features of the same rows given layer by layer.
     k = layers - 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mlgate.diagnostics import Diagnostics, binary_entropy, cancellation, group_grad_norm
-from mlgate.spec import StudySpec
+from mlgate.config.spec import StudySpec
 from mlgate.training import train
 from mlgate.verdicts import ADAPTIVE, COLLAPSED
 from tests.conftest import TINY, deep_update

@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlgate.clip import load_backbone
+from mlgate.model import load_backbone
 from mlgate.data import Split
 from mlgate.methods import build_method, method_class
-from mlgate.methods.base import GATE_ON, GATE_SWAPS, random_gate_logits
-from mlgate.spec import StudySpec, TrainSpec
-from mlgate.training import accuracy, build_optimizer, check_optimizer_covers, seed_everything, train
+from mlgate.methods.gates import GATE_ON, GATE_SWAPS, random_gate_logits
+from mlgate.config.spec import StudySpec, TrainSpec
+from mlgate.training.evaluation import accuracy
+from mlgate.training.step import build_optimizer, check_optimizer_covers, seed_everything
+from mlgate.training import train
 from tests.conftest import TINY, deep_update
 
 CLASSES = ["zero", "one", "two", "three", "four", "five"]

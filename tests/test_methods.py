@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlgate.clip import load_backbone
+from mlgate.model import load_backbone
 from mlgate.methods import build_method
-from mlgate.methods.base import GateConfig, init_gate_logits
+from mlgate.config.methods import GateConfig
+from mlgate.methods.gates import init_gate_logits
 from mlgate.methods.coop import CoOpConfig
-from mlgate.spec import TrainSpec
-from mlgate.training import build_optimizer, check_optimizer_covers
+from mlgate.config.spec import TrainSpec
+from mlgate.training.step import build_optimizer, check_optimizer_covers
 
 CLASSES = ["zero", "one", "two", "three", "four", "five"]
 
@@ -138,9 +139,9 @@ def test_fused_optimizer_steps_as_the_per_parameter_loop(clip, optimizer):
 # --------------------------------------------------------------------------------------------------
 # Every method of the gating paper on the shared prompted forward.
 
-from mlgate.describe import describe  # noqa: E402
+from mlgate.methods.describe import describe  # noqa: E402
 from mlgate.methods import method_class, method_names  # noqa: E402
-from mlgate.training import check_optimizer_covers as _covers  # noqa: E402
+from mlgate.training.step import check_optimizer_covers as _covers  # noqa: E402
 
 VARIANTS = [
     ("coop", {}), ("coop", {"csc": True, "class_token_position": "middle"}),
@@ -356,7 +357,7 @@ def test_inference_flops_fall_when_gates_close(clip):
     method = _adaptive(clip)
     method.eval().requires_grad_(False)
     images, classes = _inputs(clip, method), torch.arange(4)
-    from mlgate.describe import _flops
+    from mlgate.methods.describe import _flops
 
     open_flops = _flops(lambda: method(images, classes))
     method.length_gates.fill_(-5.0)
@@ -416,7 +417,7 @@ def test_per_depth_gradient_and_gate_metrics(clip):
 
 @pytest.mark.parametrize("name", ["cocoop", "maple", "bimaple", "adaptive_bimaple"])
 def test_every_method_trains_end_to_end(name):
-    from mlgate.spec import StudySpec
+    from mlgate.config.spec import StudySpec
     from mlgate.training import train
     from tests.conftest import TINY, deep_update
 
@@ -454,7 +455,7 @@ def test_vision_prompts_are_n_ctx_tokens_at_every_depth_whatever_the_class_count
 def test_length_only_mode_applies_its_sparsity_regularizer(clip):
     # The reference computed its sparsity term only in modes full and depth_only, so in its main
     # config (length_only) the gate regularizer was exactly 0. Cycle loss off: loss/reg is the gates' term.
-    from mlgate.spec import StudySpec
+    from mlgate.config.spec import StudySpec
     from mlgate.training import train
     from tests.conftest import TINY, deep_update
 
@@ -474,14 +475,15 @@ def test_eot_follows_the_tokens_dropped_at_inference(clip, monkeypatch, full_con
     # with trimmed prompts and with the full 77-token context alike.
     from open_clip.transformer import text_global_pool
 
-    method = _adaptive(clip, depth=1, mode="length_only", cycle_weight=0.0)
-    if full_context:
-        method.use_full_context()
+    from mlgate.bench.reference import ReferenceCLIP
+
+    backbone = ReferenceCLIP.of(clip) if full_context else clip
+    method = _adaptive(backbone, depth=1, mode="length_only", cycle_weight=0.0)
     with torch.no_grad():
         method.length_gates[0].copy_(torch.tensor([5.0, -5.0, 5.0, -5.0]))
     seen = []
-    encode = clip.encode_text_embeddings
-    monkeypatch.setattr(clip, "encode_text_embeddings", lambda *a, **k: seen.append(encode(*a, **k)) or seen[-1])
+    encode = backbone.encode_text_embeddings
+    monkeypatch.setattr(backbone, "encode_text_embeddings", lambda *a, **k: seen.append(encode(*a, **k)) or seen[-1])
     method.eval()
     with torch.no_grad():
         method(_inputs(clip, method), torch.arange(len(CLASSES)))

@@ -6,12 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlgate.clip import load_backbone
+from mlgate.model import load_backbone
 from mlgate.diagnostics import Diagnostics, binary_entropy, cancellation
 from mlgate.methods import build_method
-from mlgate.methods.base import GateConfig, init_gate_logits
-from mlgate.spec import StudySpec, TrainSpec, load_spec
-from mlgate.training import optimization_step, train
+from mlgate.config.methods import GateConfig
+from mlgate.methods.gates import init_gate_logits
+from mlgate.config.spec import StudySpec, TrainSpec
+from mlgate.config import load_spec
+from mlgate.training.step import optimization_step
+from mlgate.training import train
 from mlgate.verdicts import ADAPTIVE, COLLAPSED, PRUNED, STATIC, Thresholds, second_half_median, verdict
 from tests.conftest import TINY, deep_update
 

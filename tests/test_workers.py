@@ -12,7 +12,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.test_study import runs_of
+from tests.test_studies_in_mlflow import runs_of
 
 FAST = {"train": {"steps": 6, "eval_interval": 3}}
 SLOW = {"steps": 4000, "eval_interval": 4000}

@@ -1,6 +1,6 @@
 """Read an experiment's runs through the MLflow API into per-run summaries and their verdicts.
 
-Works on any run that logs the contract's metric vocabulary, whether mlgate trained it or not.
+Works on any run that logs mlgate's metric vocabulary (docs/metrics.md), whether mlgate trained it or not.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class RunSummary:
     depth_lengths: list[float] = field(default_factory=list)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict, repr=False)
 
-    def contract_dict(self) -> dict[str, Any]:
+    def as_json(self) -> dict[str, Any]:
         """The run object of ``--format json`` (the documented keys, then extras)."""
         data = asdict(self)
         data.pop("history")
@@ -125,7 +125,7 @@ def collect_runs(client: MlflowClient, experiment: str, thresholds: Thresholds =
             break
     if not runs:
         raise MlgateError(f"experiment {experiment!r} has no runs yet: run a study into it first "
-                          f"(`mlgate run STUDY`), or log runs with the contract's metric names.")
+                          f"(`mlgate run STUDY`), or log runs with mlgate's metric names (docs/metrics.md).")
     candidates = [r for r in runs if r.data.tags.get("mlgate.role") not in ("study", "report")]
     speaking = [r for r in candidates if speaks_vocabulary(r)]
     if not speaking:

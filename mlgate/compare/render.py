@@ -90,12 +90,12 @@ def render_markdown(report: Report) -> str:
 
 
 def render_csv(report: Report) -> str:
-    """One row per run, contract §5's keys as columns (empty where not logged)."""
+    """One row per run, the JSON run object's keys as columns (empty where not logged)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CONTRACT_RUN_KEYS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for run in report.ranked():
-        writer.writerow({k: "" if v is None else v for k, v in run.contract_dict().items()})
+        writer.writerow({k: "" if v is None else v for k, v in run.as_json().items()})
     return buffer.getvalue()
 
 

@@ -18,7 +18,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def group_stats(method: str, runs: list[RunSummary]) -> dict[str, Any]:
-    """Contract §5 group: counts per verdict, collapse rate, mean and best acc/hm (plus pruning extras)."""
+    """A method's group: counts per verdict, collapse rate, mean and best acc/hm (plus pruning extras)."""
     verdicts = Counter(r.verdict for r in runs)
     gated = verdicts[COLLAPSED] + verdicts[ADAPTIVE]
     hm = [r.acc_hm for r in runs if r.acc_hm is not None]
@@ -90,10 +90,10 @@ class Report:
         return [group_stats(m, [r for r in self.runs if r.method == m]) for m in methods]
 
     def to_json(self) -> dict[str, Any]:
-        """Contract §5: ``{"experiment", "runs", "groups"}`` (plus the headline)."""
+        """The JSON report: ``{"experiment", "runs", "groups", ...}`` (docs/compare.md)."""
         return {
             "experiment": self.experiment,
-            "runs": [r.contract_dict() for r in self.ranked()],
+            "runs": [r.as_json() for r in self.ranked()],
             "groups": self.groups(),
             "headline": headline(self.runs),
         }

@@ -20,40 +20,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
+from mlgate.config.methods import AdaptConfig
+from mlgate.config.pruning import plan_pruning
 from mlgate.errors import MlgateError
-from mlgate.methods import register
-from mlgate.methods.base import MethodConfig, PromptMethod
-from mlgate.pruning import plan_pruning
+from mlgate.methods._registry import register
+from mlgate.methods.base import PromptMethod
+
 
 INIT_STD = 0.02  # the random init's per-element standard deviation (the paper's, DPL's)
-
-
-class AdaptConfig(MethodConfig):
-    name: Literal["adapt"] = "adapt"
-    depth: int | None = Field(None, ge=1, description="Prompt depth per branch (paper: 12; default: every layer).")
-    max_len: int = Field(16, ge=1, le=256, description="Maximum context length ξ per layer (paper: 16).")
-    t_target: int = Field(32, ge=0, description="Total active context length (text + vision) to prune down to.")
-    score: Literal["snip", "grad_norm", "l2"] = Field("snip", description="Saliency criterion (Eq. 6).")
-    n_k: int | None = Field(None, ge=1, description="Accumulation period in steps (paper: 80). Default: derived "
-                            "from train.steps so pruning finishes within the step budget.")
-    r_p: int = Field(4, ge=1, description="Tokens pruned per pruning step (paper: 4).")
-    warmup_steps: int = Field(0, ge=0, description="Steps before the first pruning.")
-    warmup_epochs: float = Field(0.0, ge=0.0, description="Epochs before the first pruning (paper: 5), added to "
-                                 "warmup_steps.")
-    init: Literal["mean", "random"] = Field(
-        "mean", description="How prompts start. mean: the mean token state of the layer's input (text: over "
-        "the class prompts; vision: over training images, given by the trainer) at the random init's norm, plus "
-        "the random init: near-inert. random: N(0, 0.02), the paper's randomly initialized prompt.")
-    template: str = Field("a photo of a {}.", description="Text the prompts condition (the query tokens).")
-    distill_weight: float = Field(0.0, ge=0.0, description="Angular knowledge distillation weight (0: off).")
 
 
 class PruningSchedule:
@@ -82,7 +63,7 @@ class Adapt(PromptMethod):
         self.depth = cfg.depth or layers
         device = clip.text.token_embedding.weight.device
         self.classnames = list(classnames)
-        self._embed_text(trim=True)
+        self._embed_text()
         shape = (self.depth, cfg.max_len)
         self.text_prompts = nn.Parameter(torch.randn(*shape, clip.text_width, device=device) * INIT_STD)
         self.vision_prompts = nn.Parameter(torch.randn(*shape, clip.vision_width, device=device) * INIT_STD)
@@ -105,18 +86,14 @@ class Adapt(PromptMethod):
         self.compact: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._distill: torch.Tensor | None = None  # this step's distillation term
 
-    def _embed_text(self, trim: bool) -> None:
-        # The query tokens: the template with each class name (trimmed to the longest unless told not to).
+    def _embed_text(self) -> None:
+        # The query tokens: the template with each class name, trimmed to the longest.
         tokens = self.clip.tokenize([self.cfg.template.format(name) for name in self.classnames])
         eot = self.clip.eot_index(tokens)
-        if trim:
-            tokens = tokens[:, : int(eot.max()) + 1]
+        tokens = tokens[:, : int(eot.max()) + 1]
         with torch.no_grad():
             self.register_buffer("text_embeds", self.clip.embed_tokens(tokens).clone(), persistent=False)
         self.register_buffer("eot", eot, persistent=False)
-
-    def use_full_context(self) -> None:
-        self._embed_text(trim=False)
 
     def init_from_data(self, images: torch.Tensor) -> None:
         """With ``init`` mean, start the vision prompts at the mean token state over ``images``."""
@@ -275,7 +252,7 @@ class Adapt(PromptMethod):
         (folder / "adapt" / "pruning_schedule.json").write_text(json.dumps(schedule, indent=1))
 
     def images(self) -> dict[str, list[tuple[int, np.ndarray]]]:
-        from mlgate.plots import mask_image
+        from mlgate.training.plots import mask_image
 
         return {"adapt_masks": [(step, mask_image(text, vision)) for step, text, vision in self._host_snapshots()]}
 

@@ -13,36 +13,15 @@ and the EuroSAT controls (``param_matched``, ``always_frozen``, ``explicit_reg``
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from mlgate.methods import register
-from mlgate.methods.base import GATE_ON, GateConfig, init_gate_logits, random_gate_logits
-from mlgate.methods.bimaple import BiMaPLe, BiMaPLeConfig
-
-
-class AdaptiveBiMaPLeConfig(BiMaPLeConfig):
-    name: Literal["adaptive_bimaple"] = "adaptive_bimaple"  # type: ignore[assignment]
-    n_ctx: int = Field(4, ge=1, le=64, description="Maximum prompt length L (reference: 4).")
-    ctx_init: str | None = "a photo of a"
-    default_depth: ClassVar[int] = 8  # maximum prompt depth J of the reference
-    mode: Literal["full", "length_only", "depth_only"] = Field(
-        "full", description="Which gates exist: both, the length gates only, or the depth gates only.")
-    gate_strategy: Literal["per_token", "per_layer", "fixed", "random"] = Field(
-        "per_token", description="Length gates per token, one per layer, fixed all-on, or fixed random: "
-        "length and depth gates drawn once (logits ±2 + N(0, 0.5)) from the trial's seed, not trained.")
-    control: Literal["none", "param_matched", "always_frozen", "explicit_reg"] = Field(
-        "none", description="EuroSAT controls: no gates with as many extra parameters; gates frozen "
-        "from the start; prompt dropout instead of gates.")
-    gate: GateConfig = Field(default_factory=lambda: GateConfig(init="constant", init_value=1.0, sparsity=1e-3))
-    depth_gate_init: float = Field(1.0, description="Initial depth-gate logit (σ(1) ≈ 0.73).")
-    depth_smoothness: float = Field(2e-4, ge=0.0, description="Weight of Σ|p_{d+1} − p_d| over depth gates.")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Inference keeps gates above this.")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Prompt dropout of the explicit_reg control.")
+from mlgate.config.methods import AdaptiveBiMaPLeConfig
+from mlgate.methods._registry import register
+from mlgate.methods.bimaple import BiMaPLe
+from mlgate.methods.gates import GATE_ON, init_gate_logits, random_gate_logits
 
 
 @register("adaptive_bimaple")

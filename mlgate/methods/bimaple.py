@@ -7,21 +7,14 @@ A cycle-consistency loss keeps the round trip close: mean_i MSE(tᵢ, V2Lᵢ(L2V
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from mlgate.methods import register
-from mlgate.methods.maple import MaPLe, MaPLeConfig, linear_per_layer
-
-
-class BiMaPLeConfig(MaPLeConfig):
-    name: Literal["bimaple"] = "bimaple"  # type: ignore[assignment]
-    cycle_weight: float = Field(0.1, ge=0.0, description="Weight of the cycle-consistency loss.")
-    fusion_init: float = Field(0.5, description="Initial fusion logits α, β (σ(0.5) ≈ 0.62).")
+from mlgate.config.methods import BiMaPLeConfig
+from mlgate.methods._registry import register
+from mlgate.methods.maple import MaPLe, linear_per_layer
 
 
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:

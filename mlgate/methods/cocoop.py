@@ -9,25 +9,16 @@ depend on the input (``gate/batch_std`` and ``gate/input_std`` measure how much)
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from mlgate.methods import register
-from mlgate.methods.base import ClassTokens, GateConfig, MethodConfig, PromptMethod, init_context, init_gate_logits
-
-
-class CoCoOpConfig(MethodConfig):
-    name: Literal["cocoop"] = "cocoop"
-    n_ctx: int = Field(4, ge=1, le=64)
-    ctx_init: str | None = "a photo of a"
-    meta_net_reduction: int = Field(16, ge=1, description="Meta-net hidden width = feature dim // this.")
-    gate: GateConfig = Field(default_factory=lambda: GateConfig(enabled=False))
-    gate_mode: Literal["static", "conditional"] = Field(
-        "static", description="static: per-token gates; conditional: gates from the meta-net's output.")
+from mlgate.config.methods import CoCoOpConfig
+from mlgate.methods._registry import register
+from mlgate.methods.base import PromptMethod
+from mlgate.methods.gates import init_gate_logits
+from mlgate.methods.prompts import ClassTokens, init_context
 
 
 @register("cocoop")
@@ -90,12 +81,9 @@ class CoCoOp(PromptMethod):
                 self._last_logits = self.gate_head(bias)  # (B, n)
                 ctx = ctx * self.gate_activation(self._last_logits).unsqueeze(-1)
         n_img, n_cls = ctx.shape[0], len(class_ids)
-        # Every image gets its own prompts for every class: B×C sequences, in one batched text pass.
-        if self.tokens.trimmed:  # an image's prompts all open with SOS + its context: encoded once per image
-            text = self.clip.encode_text_shared_prefix(*self.tokens.assemble_shared(ctx, class_ids))
-        else:
-            per_prompt = ctx.unsqueeze(1).expand(n_img, n_cls, -1, -1).reshape(n_img * n_cls, *ctx.shape[1:])
-            text = self.clip.encode_text_embeddings(*self.tokens.assemble(per_prompt, class_ids.repeat(n_img)))
+        # Every image gets its own prompts for every class, B×C sequences in one batched text pass; an
+        # image's prompts all open with SOS and its context, which are encoded once per image.
+        text = self.clip.encode_text_shared_prefix(*self.tokens.assemble_shared(ctx, class_ids))
         text = F.normalize(text, dim=-1).view(n_img, n_cls, -1)
         return self.clip.logit_scale * torch.einsum("bd,bcd->bc", image_features, text)
 

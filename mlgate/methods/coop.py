@@ -6,28 +6,16 @@ shared across classes (or class-specific with ``csc``), and each is scaled by it
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from mlgate.methods import register
-from mlgate.methods.base import ClassTokens, GateConfig, MethodConfig, PromptMethod, init_context, init_gate_logits
-
-
-class CoOpConfig(MethodConfig):
-    name: Literal["coop"] = "coop"
-    n_ctx: int = Field(4, ge=1, le=64, description="Number of learnable context tokens M.")
-    ctx_init: str | None = Field(
-        "a photo of a",
-        description="Phrase whose token embeddings initialise the context (its word count must equal "
-        "n_ctx); null for random N(0, 0.02) init.",
-    )
-    csc: bool = Field(False, description="Class-specific context (one context per class).")
-    class_token_position: Literal["end", "middle", "front"] = "end"
-    gate: GateConfig = Field(default_factory=GateConfig)
+from mlgate.config.methods import CoOpConfig
+from mlgate.methods._registry import register
+from mlgate.methods.base import PromptMethod
+from mlgate.methods.gates import init_gate_logits
+from mlgate.methods.prompts import ClassTokens, init_context
 
 
 @register("coop")
@@ -62,7 +50,7 @@ class CoOp(PromptMethod):
         ctx = self.context()
         if ctx.dim() == 3:
             ctx = ctx[class_ids]
-        if ctx.dim() == 2 and self.cfg.class_token_position == "end" and self.tokens.trimmed:
+        if ctx.dim() == 2 and self.cfg.class_token_position == "end":
             # SOS + the shared context open every prompt: encoded once, not once per class.
             text = self.clip.encode_text_shared_prefix(*self.tokens.assemble_shared(ctx, class_ids))
         else:

@@ -7,27 +7,16 @@ per depth (F: D_text → D_vision). Vision prompts are appended to the ViT seque
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from mlgate.methods import register
-from mlgate.methods.base import ClassTokens, MethodConfig, PromptMethod, init_context
-
-
-class MaPLeConfig(MethodConfig):
-    name: Literal["maple"] = "maple"
-    n_ctx: int = Field(2, ge=1, le=64, description="Prompt tokens per depth (reference: 2).")
-    ctx_init: str | None = Field("a photo", description="Init phrase of the shallow text context.")
-    depth: int | None = Field(
-        None, ge=1, description="Prompt depth J: layers 0..J-1 get prompts. Default: the reference's 9, "
-        "or every layer of a backbone with fewer.")
-
-    #: The reference depth, used when ``depth`` is not set.
-    default_depth: ClassVar[int] = 9
+from mlgate.config.methods import MaPLeConfig
+from mlgate.methods._registry import register
+from mlgate.methods.base import PromptMethod
+from mlgate.methods.prompts import ClassTokens, init_context
 
 
 def resolve_depth(clip, cfg: MaPLeConfig) -> int:

@@ -6,7 +6,8 @@ from typing import Any
 
 import optuna
 
-from mlgate.spec import CategoricalDistribution, FloatDistribution, StudySpec
+from mlgate.config.search import CategoricalDistribution, FloatDistribution
+from mlgate.config.spec import StudySpec
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from mlgate.errors import MlgateError, StudyFailed
 from mlgate.progress import Progress, ProgressSink
-from mlgate.spec import StudySpec
+from mlgate.config.spec import StudySpec
 from mlgate.sweep.heartbeats import Heartbeat, fail_stale_trials
 from mlgate.sweep.search import make_pruner, make_sampler, suggest
 from mlgate.sweep.storage import make_storage

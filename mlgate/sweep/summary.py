@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from mlgate.spec import StudySpec
+from mlgate.config.spec import StudySpec
 
 SURPLUS_ATTR = "mlgate.surplus"
 

@@ -16,7 +16,7 @@ import sys
 from typing import Any, Callable
 
 from mlgate.errors import StudyFailed
-from mlgate.spec import StudySpec
+from mlgate.config.spec import StudySpec
 from mlgate.sweep.study import close_study, open_study
 from mlgate.training import preflight
 

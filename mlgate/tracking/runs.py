@@ -1,4 +1,4 @@
-"""MLflow layout of contract §2: one study run per study, one child run per Optuna trial.
+"""mlgate's MLflow layout: one study run per study, one child run per Optuna trial.
 
 Built on ``MlflowClient`` with explicit run ids (not the thread-local fluent stack), so it works the
 same in any thread or process. Per-step metrics are sent in batches with ``log_batch``.
