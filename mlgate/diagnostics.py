@@ -34,6 +34,27 @@ def cancellation(term_grads: Sequence[torch.Tensor] | torch.Tensor) -> torch.Ten
     return 1.0 - torch.linalg.vector_norm(terms.sum(-2), dim=-1) / denominator.clamp_min(_EPS)
 
 
+def regularizer_conflict(cls: torch.Tensor, reg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How the regularizers' gate gradient ``reg`` meets the classification term's ``cls`` ((..., G)
+    each): their cosine (−1: opposed; the gating paper's appendix B1) and the ratio of their norms
+    ‖reg‖ / ‖cls‖ (B3)."""
+    cls_norm, reg_norm = torch.linalg.vector_norm(cls, dim=-1), torch.linalg.vector_norm(reg, dim=-1)
+    cosine = (cls * reg).sum(-1) / (cls_norm * reg_norm).clamp_min(_EPS)
+    return cosine, reg_norm / cls_norm.clamp_min(_EPS)
+
+
+def depth_metrics(norms: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-depth prompt-gradient norms (K,) as ``grad/prompt_norm/d<k>``, and ``grad/depth_decay``: the
+    least-squares slope of their log10 against depth (appendix A3; negative: gradients fade with depth)."""
+    out = {f"grad/prompt_norm/d{k}": v for k, v in enumerate(norms)}
+    if len(norms) > 1:
+        depth = torch.arange(len(norms), dtype=norms.dtype, device=norms.device)
+        logs = torch.log10(norms.clamp_min(_EPS))
+        centred = depth - depth.mean()
+        out["grad/depth_decay"] = (centred * (logs - logs.mean())).sum() / centred.square().sum()
+    return out
+
+
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
     """H(p) in nats, elementwise (0 at p∈{0,1}, log 2 at p=0.5)."""
     p = p.clamp(1e-7, 1 - 1e-7)
@@ -80,10 +101,13 @@ def _gate_columns(steps: list[_Step], gate_init: torch.Tensor) -> tuple[tuple[st
     grad = torch.stack([s.gate_grad for s in steps])  # (K, G)
     gate_norm = torch.linalg.vector_norm(grad, dim=-1)
     prompt_norm = prompt_norm.to(grad.device)
+    conflict = None
     if steps[0].reg_gate_grads is not None:
         # The classification term's gate gradient is the total minus the regularizers' (linearity).
         reg = torch.stack([s.reg_gate_grads for s in steps])  # (K, R, G)
-        cancel = cancellation(torch.cat([(grad - reg.sum(1)).unsqueeze(1), reg], dim=1))
+        cls = grad - reg.sum(1)
+        cancel = cancellation(torch.cat([cls.unsqueeze(1), reg], dim=1))
+        conflict = regularizer_conflict(cls, reg.sum(1))
     else:  # with the classification term alone there is nothing to cancel: exactly 0
         cancel = torch.zeros_like(gate_norm)
     values = torch.stack([s.gate_values for s in steps])  # (K, G) or (K, B, G)
@@ -101,6 +125,9 @@ def _gate_columns(steps: list[_Step], gate_init: torch.Tensor) -> tuple[tuple[st
     if values.dim() == 3 and values.shape[1] > 1:  # input-dependent gates, two inputs or more
         columns.append(values.float().std(1).mean(-1))
         keys += ("gate/batch_std",)
+    if conflict is not None:  # a regularizer acts on the gates
+        columns += list(conflict)
+        keys += ("grad/conflict_cos", "grad/reg_dominance")
     return keys, torch.stack(columns, dim=1).float()
 
 

@@ -5,10 +5,11 @@
     with mlflow.start_run():
         with mlgate.monitor(model, optimizer, prompt_params=[ctx], gate_params=[gates]) as mon:
             for images, labels in loader:
-                loss = criterion(model(images), labels)
+                cls, reg = criterion(model(images), labels), penalty(gates)
                 optimizer.zero_grad()
-                loss.backward()
-                mon.losses(total=loss)          # optional: also log loss/*
+                mon.regularizers(sparsity=reg)  # optional, before backward: conflict and cancellation
+                (cls + reg).backward()
+                mon.losses(total=cls + reg, cls=cls, reg=reg)   # optional: also log loss/*
                 optimizer.step()                # the hook records grad/* and gate/* here
 
 The run then carries mlgate's metric vocabulary (docs/metrics.md) and an ``mlgate.verdict`` tag, so
@@ -18,7 +19,7 @@ The run then carries mlgate's metric vocabulary (docs/metrics.md) and an ``mlgat
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import mlflow
 import torch
@@ -26,7 +27,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from mlgate.diagnostics import Diagnostics
+from mlgate.diagnostics import Diagnostics, depth_metrics, group_grad_norm
 from mlgate.verdicts import MetricHistory, Thresholds
 
 
@@ -35,13 +36,16 @@ class Monitor:
 
     Gradients are read as the optimizer sees them (after any clipping the loop does before
     ``optimizer.step()``). Metrics reach MLflow in one ``log_batch`` per ``flush_every`` steps.
+    ``depth_params`` (the prompt parameters of each depth, shallowest first) adds the per-depth
+    prompt-gradient norms ``grad/prompt_norm/d<k>`` and their decay with depth, ``grad/depth_decay``.
     """
 
     def __init__(self, model: nn.Module | None, optimizer: torch.optim.Optimizer,
                  prompt_params: Iterable[nn.Parameter], gate_params: Iterable[nn.Parameter] = (), *,
                  activation: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid, every: int = 1,
                  flush_every: int = 50, run_id: str | None = None, method: str | None = None,
-                 thresholds: Thresholds = Thresholds()) -> None:
+                 thresholds: Thresholds = Thresholds(),
+                 depth_params: Sequence[Sequence[nn.Parameter]] = ()) -> None:
         if run_id is None:
             active = mlflow.active_run()
             if active is None:
@@ -50,13 +54,16 @@ class Monitor:
         self.run_id = run_id
         self.client = MlflowClient(mlflow.get_tracking_uri())
         gate_params = list(gate_params)
-        self.diagnostics = Diagnostics(list(prompt_params), gate_params,
-                                       lambda: torch.cat([activation(p).reshape(-1) for p in gate_params]))
+        depths = [list(params) for params in depth_params]
+        self.diagnostics = Diagnostics(
+            list(prompt_params), gate_params, lambda: torch.cat([activation(p).reshape(-1) for p in gate_params]),
+            (lambda: depth_metrics(torch.stack([group_grad_norm(ps) for ps in depths]))) if depths else None)
         self.history = MetricHistory()
         self.thresholds = thresholds
         self.every, self.flush_every = every, flush_every
         self.step = 0
         self._losses: dict[str, torch.Tensor] = {}
+        self._reg_gate_grads: list[torch.Tensor] | None = None
         self._hook = optimizer.register_step_pre_hook(self._before_step)
         tags = {"mlgate.monitored": "true"}
         if method:
@@ -71,11 +78,18 @@ class Monitor:
         """Loss values for the coming step, e.g. ``total=loss, cls=ce, reg=penalty`` → ``loss/*``."""
         self._losses = {f"loss/{name}": value for name, value in terms.items()}
 
+    def regularizers(self, **terms: torch.Tensor) -> None:
+        """The coming step's regularization terms that act on the gates (``sparsity=penalty``), called
+        before ``backward()``: their gate gradients give ``grad/gate_cancellation``,
+        ``grad/conflict_cos`` and ``grad/reg_dominance`` (the classification part is the rest)."""
+        if (self.step + 1) % self.every == 0:  # the coming step is recorded
+            self._reg_gate_grads = self.diagnostics.term_gate_grads(terms)
+
     def _before_step(self, optimizer, args, kwargs) -> None:
         self.step += 1
         if self.step % self.every == 0:
-            self.diagnostics.record(self.step, self._losses)
-        self._losses = {}
+            self.diagnostics.record(self.step, self._losses, self._reg_gate_grads)
+        self._losses, self._reg_gate_grads = {}, None
         if self.step % self.flush_every == 0:
             self.flush()
 

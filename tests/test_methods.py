@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mlgate.model import load_backbone
+from mlgate.methods.base import cosine
 from mlgate.methods import build_method
 from mlgate.config.methods import GateConfig
 from mlgate.methods.gates import init_gate_logits
@@ -295,7 +296,7 @@ def test_adaptive_gates_and_controls_act_on_every_depth_at_once(clip, control):
             length, depth = method._length_probs(), method._depth_probs()
             text = [t * length[i, :, None] * (depth[i - 1] if i else 1) for i, t in enumerate(text)]
             vision = [v * length[i, :, None] * (depth[i - 1] if i else 1) for i, v in enumerate(vision)]
-        return method.encode(images, ids, text, vision)
+        return method.clip.logit_scale * cosine(*method.encode(images, ids, text, vision))
 
     params = [p for ps in method.param_groups().values() for p in ps]
     results = []

@@ -56,3 +56,37 @@ def test_monitor_needs_a_run(workdir):
     p = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(RuntimeError, match="active MLflow run"):
         mlgate.monitor(None, torch.optim.SGD([p], lr=0.1), prompt_params=[p])
+
+
+def test_monitor_offers_the_gradient_diagnostics_to_a_plain_loop(workdir):
+    # Given the regularizer (before backward) and the prompts of each depth, a foreign loop gets the
+    # appendix diagnostics mlgate's own trials log: conflict, dominance, per-depth norms and their decay.
+    torch.manual_seed(0)
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    mlflow.set_experiment("outside-loop")
+    shallow, deep = torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(4, 8))
+    gates = torch.nn.Parameter(torch.zeros(4))
+    head = torch.nn.Linear(8, 3).requires_grad_(False)
+    optimizer = torch.optim.SGD([shallow, deep, gates], lr=0.1)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with mlflow.start_run() as run:
+        with mlgate.monitor(None, optimizer, prompt_params=[shallow, deep], gate_params=[gates],
+                            depth_params=[[shallow], [deep]], flush_every=10) as mon:
+            for _ in range(3):
+                gated = torch.sigmoid(gates)[:, None]
+                cls = torch.nn.functional.cross_entropy(head(x @ (gated * shallow) + 0.1 * x @ (gated * deep)), y)
+                reg = 0.5 * torch.sigmoid(gates).sum()
+                optimizer.zero_grad()
+                mon.regularizers(sparsity=reg)
+                cls_grad, = torch.autograd.grad(cls, gates, retain_graph=True)
+                reg_grad, = torch.autograd.grad(reg, gates, retain_graph=True)
+                (cls + reg).backward()
+                norms = [shallow.grad.norm().item(), deep.grad.norm().item()]
+                optimizer.step()
+    m = MlflowClient().get_run(run.info.run_id).data.metrics
+    cosine = torch.nn.functional.cosine_similarity(cls_grad, reg_grad, dim=0).item()
+    assert m["grad/conflict_cos"] == pytest.approx(cosine, rel=1e-4, abs=1e-6)
+    assert m["grad/reg_dominance"] == pytest.approx((reg_grad.norm() / cls_grad.norm()).item(), rel=1e-4)
+    assert m["grad/prompt_norm/d0"] == pytest.approx(norms[0], rel=1e-5)
+    assert m["grad/depth_decay"] == pytest.approx(math.log10(norms[1]) - math.log10(norms[0]), rel=1e-4)
+    assert m["grad/gate_cancellation"] > 0

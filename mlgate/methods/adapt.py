@@ -29,6 +29,7 @@ from torch import nn
 
 from mlgate.config.methods import AdaptConfig
 from mlgate.config.pruning import plan_pruning
+from mlgate.diagnostics import depth_metrics
 from mlgate.errors import MlgateError
 from mlgate.methods._registry import register
 from mlgate.methods.base import PromptMethod
@@ -128,11 +129,16 @@ class Adapt(PromptMethod):
             out[f"mask/active_tokens/d{k}"] = text[k] + vision[k]
             out[f"mask/active_tokens/text/d{k}"] = text[k]
             out[f"mask/active_tokens/vision/d{k}"] = vision[k]
+        if self.text_prompts.grad is not None and self.vision_prompts.grad is not None:
+            # Both towers' prompts at depth k together: how far the gradient reaches down.
+            per_depth = torch.linalg.vector_norm(torch.cat([self.text_prompts.grad.flatten(1),
+                                                            self.vision_prompts.grad.flatten(1)], 1), dim=1)
+            out.update(depth_metrics(per_depth))
         return out
 
     # ---- forward -------------------------------------------------------------------------------------
 
-    def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compact is not None:
             text_prompts, vision_prompts = self.compact
             text_active = vision_active = None
@@ -144,7 +150,7 @@ class Adapt(PromptMethod):
         text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
         if self.training and self.cfg.distill_weight > 0:
             self._distill = self._angular_distillation(images, class_ids, text, image)
-        return self.clip.logit_scale * image @ text.t()
+        return image, text
 
     def _angular_distillation(self, images, class_ids, text, image) -> torch.Tensor:
         # 1 − cos between the prompted and the frozen model's embeddings (PromptSRC-style self-regulation).

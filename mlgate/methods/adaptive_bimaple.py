@@ -114,7 +114,7 @@ class AdaptiveBiMaPLe(BiMaPLe):
             out.update({f"gate/depth_prob/d{k + 1}": v for k, v in enumerate(depth)})
         return out
 
-    def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Every depth's prompts in one (J, n, D) tensor per tower, so each control and gate below is
         # one op for all depths (not one per depth, and as many again in the backward).
         text, vision = (torch.stack(p) for p in self.layer_prompts())

@@ -24,8 +24,9 @@ from mlgate.methods.gates import _EqualizedSigmoid, swapped_logits
 class PromptMethod(nn.Module, metaclass=ABCMeta):
     """Interface of a prompt-learning method.
 
-    ``forward(images_or_features, class_ids)`` returns logits over ``class_ids`` (a LongTensor of
-    indices into the method's full class list). ``prompts_vision`` says whether the vision tower is
+    ``features(images_or_features, class_ids)`` returns the normalized image features (B, E) and
+    text features of ``class_ids`` (a LongTensor of indices into the method's full class list), (C, E),
+    or (B, C, E) where each image has its own prompts; ``forward`` scores them (logits over ``class_ids``). ``prompts_vision`` says whether the vision tower is
     prompted; when it is not, the trainer feeds cached frozen image features instead of images.
     """
 
@@ -67,6 +68,14 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
         return False
 
     @abstractmethod
+    def features(self, inputs: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized image features (B, E) and text features (C, E) or (B, C, E) of ``class_ids``."""
+
+    def forward(self, inputs: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) over ``class_ids``: CLIP's scaled cosine similarity of the features."""
+        return self.clip.logit_scale * cosine(*self.features(inputs, class_ids))
+
+    @abstractmethod
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by group (``prompt``, ``gate``, ...), in a stable order."""
 
@@ -106,7 +115,8 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
         """Inside, the learned gates are replaced as ``strategy`` (one of :data:`GATE_SWAPS`) says:
         ``fixed`` all on, ``random`` logits ±2 + N(0, 0.5) drawn from a generator seeded with ``seed``
         (depth gates included), ``per_layer`` each layer's token gates set to their mean logit,
-        ``per_token`` the learned gates as they are. Values are written into the gate tensors in place
+        ``per_token`` the learned gates as they are, ``noise`` the learned gates plus N(0, 0.5²) noise
+        from that generator (the sensitivity test). Values are written into the gate tensors in place
         and restored bit for bit on exit: the Parameter objects, which the optimizer holds, stay."""
         gates = self.swappable_gates()
         saved = {kind: t.detach().clone() for kind, t in gates.items()}
@@ -152,3 +162,9 @@ class PromptMethod(nn.Module, metaclass=ABCMeta):
     def finalize(self) -> dict[str, float]:
         """After training: make the model final (e.g. compact pruned prompts); final metrics to log."""
         return {}
+
+
+def cosine(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(B, C) cosines of normalized image features (B, E) with text features (C, E), or with each
+    image's own text features (B, C, E)."""
+    return image @ text.t() if text.dim() == 2 else torch.einsum("bd,bcd->bc", image, text)

@@ -70,7 +70,7 @@ class CoCoOp(PromptMethod):
             return None if self._last_logits is None else self.gate_activation(self._last_logits)
         return super().gate_values()
 
-    def forward(self, image_features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    def features(self, image_features: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image_features = F.normalize(image_features, dim=-1)
         bias = self.meta_net(image_features.to(self.ctx.dtype))  # (B, D): the conditioning vector π(x)
         if self.gates is not None:
@@ -84,8 +84,7 @@ class CoCoOp(PromptMethod):
         # Every image gets its own prompts for every class, B×C sequences in one batched text pass; an
         # image's prompts all open with SOS and its context, which are encoded once per image.
         text = self.clip.encode_text_shared_prefix(*self.tokens.assemble_shared(ctx, class_ids))
-        text = F.normalize(text, dim=-1).view(n_img, n_cls, -1)
-        return self.clip.logit_scale * torch.einsum("bd,bcd->bc", image_features, text)
+        return image_features, F.normalize(text, dim=-1).view(n_img, n_cls, -1)
 
     def regularizers(self) -> dict[str, torch.Tensor]:
         values = self.gate_values()

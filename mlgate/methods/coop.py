@@ -58,9 +58,8 @@ class CoOp(PromptMethod):
                 *self.tokens.assemble_positioned(ctx, class_ids, self.cfg.class_token_position))
         return F.normalize(text, dim=-1)
 
-    def forward(self, image_features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        image_features = F.normalize(image_features, dim=-1)
-        return self.clip.logit_scale * image_features @ self.text_features(class_ids).t()
+    def features(self, image_features: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.normalize(image_features, dim=-1), self.text_features(class_ids)
 
     def regularizers(self) -> dict[str, torch.Tensor]:
         if self.gates is None or self.cfg.gate.sparsity == 0:

@@ -14,6 +14,9 @@ GATE_ON = 10.0
 #: How :meth:`PromptMethod.swapped_gates` can replace learned gates at evaluation (the paper's Table II).
 GATE_SWAPS = ("fixed", "random", "per_layer", "per_token")
 
+#: Standard deviation of the noise ``swapped_gates("noise")`` adds to the gate logits (appendix C1).
+GATE_NOISE_STD = 0.5
+
 
 def random_gate_logits(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Random gate logits: ±2 with equal odds plus N(0, 0.5) noise, from ``generator`` (the global RNG
@@ -33,7 +36,9 @@ def swapped_logits(strategy: str, kind: str, logits: torch.Tensor, generator: to
         return logits.mean(-1, keepdim=True).expand_as(logits)
     if strategy in ("per_layer", "per_token"):
         return logits
-    raise ValueError(f"unknown gate swap {strategy!r}; valid: {', '.join(GATE_SWAPS)}")
+    if strategy == "noise":  # the learned gates, perturbed
+        return logits + GATE_NOISE_STD * torch.randn(logits.shape, generator=generator).to(logits)
+    raise ValueError(f"unknown gate swap {strategy!r}; valid: {', '.join((*GATE_SWAPS, 'noise'))}")
 
 
 def init_gate_logits(shape: int | tuple[int, ...], cfg: GateConfig,

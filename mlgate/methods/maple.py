@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlgate.config.methods import MaPLeConfig
+from mlgate.diagnostics import depth_metrics
 from mlgate.methods._registry import register
 from mlgate.methods.base import PromptMethod
 from mlgate.methods.prompts import ClassTokens, init_context
@@ -58,13 +59,13 @@ class MaPLe(PromptMethod):
                 "coupling": [*self.proj.parameters(), *self.deep_proj.parameters()]}
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        # Per-depth prompt gradient norms (grad/prompt_norm/d<k>): how far gradients reach down.
-        out: dict[str, torch.Tensor] = {}
-        if self.ctx.grad is not None:
-            out["grad/prompt_norm/d0"] = self.ctx.grad.norm()
+        # Per-depth prompt gradient norms and their decay with depth: how far gradients reach down.
+        if self.ctx.grad is None:
+            return {}
+        norms = [self.ctx.grad.norm().unsqueeze(0)]
         if self.deep_text.grad is not None:
-            out.update({f"grad/prompt_norm/d{k + 1}": g.norm() for k, g in enumerate(self.deep_text.grad)})
-        return out
+            norms.append(torch.linalg.vector_norm(self.deep_text.grad, dim=(1, 2)))
+        return depth_metrics(torch.cat(norms))
 
     def layer_prompts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Text and vision prompts per depth 0..J-1 (each (n_ctx, D))."""
@@ -74,17 +75,17 @@ class MaPLe(PromptMethod):
         return text, vision
 
     def encode(self, images: torch.Tensor, class_ids: torch.Tensor, text: list[torch.Tensor | None],
-               vision: list[torch.Tensor | None]) -> torch.Tensor:
-        """Logits from per-depth prompts (None at a depth: carry the previous layer's tokens). The
-        shallow prompt may have fewer than n_ctx tokens (gated ones dropped): the EOT position follows."""
+               vision: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized image and text features from per-depth prompts (None at a depth: carry the previous
+        layer's tokens). The shallow prompt may have fewer than n_ctx tokens (gated ones dropped): the
+        EOT position follows."""
         n0 = text[0].shape[0]
         prompts, eot = self.tokens.assemble(text[0], class_ids)
         eot = eot - (self.cfg.n_ctx - n0)
         text_features = self.clip.encode_text_embeddings(prompts, eot, n0, [None, *text[1:]])
         image_features = self.clip.encode_image_prompted(images, vision[0], [None, *vision[1:]])
-        text_features, image_features = F.normalize(text_features, dim=-1), F.normalize(image_features, dim=-1)
-        return self.clip.logit_scale * image_features @ text_features.t()
+        return F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
 
-    def forward(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         text, vision = self.layer_prompts()
         return self.encode(images, class_ids, text, vision)

@@ -192,7 +192,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
                 flush()
             if step % eval_interval == 0 or step == steps:
                 flush()
-                metrics = evaluate(method, data, splits)
+                metrics = evaluate(method, data, splits, seed)
                 history.add([(step, metrics)])
                 sink.log_metrics([(step, metrics)])
                 if on_eval is not None:
