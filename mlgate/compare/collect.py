@@ -42,15 +42,23 @@ class RunSummary:
     acc_novel: float | None
     acc_hm: float | None
     trainable_params: float | None
+    repr_alignment: float | None = None
+    repr_silhouette: float | None = None
+    repr_separation: float | None = None
+    acc_gates: dict[str, float] | None = None  # Table II: acc/val with the gates swapped, by strategy
+    noise_sensitivity: float | None = None
+    sampled: dict[str, str] = field(default_factory=dict)  # the sampled settings, as logged
     t_target: float | None = None
     compression: float | None = None
     depth_lengths: list[float] = field(default_factory=list)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict, repr=False)
+    params: dict[str, str] = field(default_factory=dict, repr=False)
 
     def as_json(self) -> dict[str, Any]:
         """The run object of ``--format json`` (the documented keys, then extras)."""
         data = asdict(self)
         data.pop("history")
+        data.pop("params")
         return data
 
 
@@ -97,11 +105,26 @@ def summarize_run(client: MlflowClient, run: Run, thresholds: Thresholds) -> Run
         acc_novel=latest.get("acc/novel"),
         acc_hm=latest.get("acc/hm"),
         trainable_params=latest.get("params/trainable"),
+        repr_alignment=latest.get("repr/alignment"),
+        repr_silhouette=latest.get("repr/silhouette"),
+        repr_separation=latest.get("repr/separation"),
+        acc_gates={k.removeprefix("acc/gates/"): v for k, v in latest.items() if k.startswith("acc/gates/")} or None,
+        noise_sensitivity=latest.get("gate/noise_sensitivity"),
+        sampled=_sampled(tags, params),
         t_target=t_target,
         compression=(1.0 - active[-1] / active[0]) if len(active) > 1 and active[0] else None,
         depth_lengths=[latest[k] for k in depth_keys],
         history=history,
+        params=dict(params),
     )
+
+
+def _sampled(tags: dict[str, str], params: dict[str, str]) -> dict[str, str]:
+    # The settings Optuna sampled for an mlgate trial (its mlgate.sampled tag), with their logged values.
+    names = tags.get("mlgate.sampled")
+    if names is None or names == "(none)":
+        return {}
+    return {name: params[name] for name in names.split(", ") if name in params}
 
 
 def collect_runs(client: MlflowClient, experiment: str, thresholds: Thresholds = Thresholds(),
@@ -132,6 +155,7 @@ def collect_runs(client: MlflowClient, experiment: str, thresholds: Thresholds =
         raise MlgateError(f"experiment {experiment!r}: none of its {len(candidates)} runs logs mlgate's metric "
                           "vocabulary (loss/*, grad/*, gate/*, mask/*, acc/*); nothing to compare.")
     summaries = [summarize_run(client, r, thresholds) for r in speaking]
+    _varying_params_as_sampled(summaries, [r.data.tags for r in speaking])
     if study is not None:
         summaries = [s for s in summaries if s.study == study]
     if states:
@@ -139,6 +163,16 @@ def collect_runs(client: MlflowClient, experiment: str, thresholds: Thresholds =
     if not summaries:
         raise MlgateError(f"experiment {experiment!r}: no runs match the --study/--state filters.")
     return summaries
+
+
+def _varying_params_as_sampled(summaries: list[RunSummary], tags: list[dict[str, str]]) -> None:
+    # Runs another loop logged carry no mlgate.sampled tag: their settings that vary across the
+    # experiment's runs stand for what was searched.
+    foreign = [s for s, t in zip(summaries, tags) if "mlgate.sampled" not in t]
+    keys = {k for s in foreign for k in s.params}
+    varying = sorted(k for k in keys if len({s.params.get(k) for s in foreign}) > 1)
+    for summary in foreign:
+        summary.sampled = {k: summary.params[k] for k in varying if k in summary.params}
 
 
 def heterogeneity(lengths: list[float]) -> float | None:

@@ -21,8 +21,14 @@ RUN_COLUMNS = [
 ]
 GROUP_COLUMNS = [
     ("method", "method"), ("runs", "n_runs"), ("verdicts", "verdicts"), ("collapse rate", "collapse_rate"),
-    ("HM mean", "acc_hm_mean"), ("HM best", "acc_hm_best"), ("depth heterogeneity", "depth_heterogeneity"),
+    ("HM mean", "acc_hm_mean"), ("HM 95% CI", "acc_hm_ci"), ("gain vs ungated (95% CI)", "gain_text"),
+    ("HM best", "acc_hm_best"), ("depth heterogeneity", "depth_heterogeneity"),
 ]
+IMPORTANCE_COLUMNS = [("setting", "setting"), ("decides collapse", "verdict"), ("decides HM", "acc_hm")]
+REPRESENTATION_COLUMNS = [("method", "method"), ("runs", "n_runs"), ("alignment", "alignment"),
+                          ("clustering (silhouette)", "silhouette"), ("separation", "separation"), ("HM", "acc_hm")]
+STRATEGY_COLUMNS = [("method", "method"), ("runs", "n_runs"), ("fixed (all on)", "fixed"), ("random", "random"),
+                    ("per layer", "per_layer"), ("per token (learned)", "per_token")]
 HEADLINE_COLUMNS = [
     ("kind", "kind"), ("method", "method"), ("runs", "n_runs"), ("adapted / pruned", "adapted"),
     ("params", "trainable_params"), ("HM", "acc_hm"), ("gain vs baseline", "gain_vs_baseline"),
@@ -40,6 +46,8 @@ def fmt(value: Any) -> str:
         return "—"
     if isinstance(value, dict):
         return ", ".join(f"{v} {k}" for k, v in value.items())
+    if isinstance(value, list):
+        return "[" + ", ".join(fmt(v) for v in value) + "]"
     if isinstance(value, float):
         if value.is_integer() and abs(value) >= 1000:
             return f"{int(value):,}"
@@ -52,13 +60,42 @@ def _rows(items: list[Any], columns: list[tuple[str, str]]) -> list[list[str]]:
     return [[fmt(get(item, key)) for _, key in columns] for item in items]
 
 
+def gain_text(gain: dict[str, Any] | None) -> str | None:
+    """A gain over the ungated baseline as one cell: "+2.1 [-0.5, +4.7] vs coop, not distinguishable"."""
+    if gain is None:
+        return None
+    if gain["ci"] is None:
+        return f"{gain['mean']:+.3g} vs {gain['baseline']} (one run on a side: no interval)"
+    low, high = gain["ci"]
+    verdict = "distinguishable" if gain["distinguishable"] else "not distinguishable"
+    return f"{gain['mean']:+.3g} [{low:+.3g}, {high:+.3g}] vs {gain['baseline']}, {verdict}"
+
+
+def _importance_rows(importance: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    settings = sorted({k for scores in importance.values() for k in scores},
+                      key=lambda k: -importance.get("verdict", {}).get(k, importance.get("acc_hm", {}).get(k, 0.0)))
+    return [{"setting": k, "verdict": importance.get("verdict", {}).get(k), "acc_hm": importance.get("acc_hm", {}).get(k)}
+            for k in settings]
+
+
 def _sections(report: Report) -> list[tuple[str, list[tuple[str, str]], list[list[str]]]]:
     data = report.to_json()
-    return [
+    groups = [{**g, "gain_text": gain_text(g.get("gain_vs_baseline"))} for g in data["groups"]]
+    sections = [
         ("Gating vs pruning", HEADLINE_COLUMNS, _rows(data["headline"], HEADLINE_COLUMNS)),
-        ("Methods", GROUP_COLUMNS, _rows(data["groups"], GROUP_COLUMNS)),
-        (f"Runs (by {report.rank_by})", RUN_COLUMNS, _rows(report.ranked(), RUN_COLUMNS)),
+        ("Methods", GROUP_COLUMNS, _rows(groups, GROUP_COLUMNS)),
     ]
+    if data["importance"]:
+        sections.append((f"What decides the verdict (study {data['importance_study']}; fANOVA importance)",
+                         IMPORTANCE_COLUMNS, _rows(_importance_rows(data["importance"]), IMPORTANCE_COLUMNS)))
+    if data["representation"]:
+        sections.append(("Representation quality (Table III)", REPRESENTATION_COLUMNS,
+                         _rows(data["representation"], REPRESENTATION_COLUMNS)))
+    if data["gate_strategies"]:
+        sections.append(("Gate strategies swapped at evaluation (Table II, acc/val)", STRATEGY_COLUMNS,
+                         _rows(data["gate_strategies"], STRATEGY_COLUMNS)))
+    sections.append((f"Runs (by {report.rank_by})", RUN_COLUMNS, _rows(report.ranked(), RUN_COLUMNS)))
+    return sections
 
 
 def render_table(report: Report) -> str:
@@ -76,6 +113,8 @@ def render_table(report: Report) -> str:
         for row in rows:
             table.add_row(*row)
         console.print(table)
+    for note in report.to_json()["notes"]:
+        console.print(note, highlight=False)
     return buffer.getvalue()
 
 
@@ -86,6 +125,7 @@ def render_markdown(report: Report) -> str:
                 "|" + "---|" * len(columns)]
         out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
         out.append("")
+    out += [f"- {note}" for note in report.to_json()["notes"]]
     return "\n".join(out)
 
 
@@ -164,9 +204,70 @@ def _plots(report: Report, client: MlflowClient | None, gap_threshold: float) ->
     scatter([(r.method, r.trainable_params, r.acc_hm) for r in report.runs
              if r.trainable_params and r.acc_hm is not None], "Accuracy vs trainable parameters",
             "trainable parameters", logx=True)
+    plots += _intervals(report, colour) + _phase_map(report)
     if client is not None:
         plots += _mask_heatmaps(report, client)
     return plots
+
+
+def _intervals(report: Report, colour: dict[str, Any]) -> list[tuple[str, str]]:
+    # Each method's HM mean with its bootstrap 95% interval: do the methods' intervals overlap?
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in report.to_json()["groups"] if g["acc_hm_mean"] is not None]
+    if not any(g["acc_hm_ci"] for g in groups):
+        return []
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(groups) + 1.2))
+    for i, g in enumerate(groups):
+        low, high = g["acc_hm_ci"] or (g["acc_hm_mean"], g["acc_hm_mean"])
+        ax.errorbar(g["acc_hm_mean"], i, xerr=[[g["acc_hm_mean"] - low], [high - g["acc_hm_mean"]]], fmt="o",
+                    color=colour[g["method"]], capsize=4)
+    ax.set_yticks(range(len(groups)), [f"{g['method']} (n={g['n_runs']})" for g in groups])
+    ax.set(title="HM accuracy, mean and bootstrap 95% interval", xlabel="HM accuracy (%)")
+    return [("HM accuracy with 95% intervals", _png(fig))]
+
+
+def _phase_map(report: Report) -> list[tuple[str, str]]:
+    # The two settings that most decide collapse as axes, each trial a point coloured by its verdict.
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from mlgate.compare.analysis import phase_axes, sampled_study
+    from mlgate.compare.stats import _value
+
+    axes = phase_axes(report.importance)
+    study, runs = sampled_study(report.runs)
+    if not axes or not runs:
+        return []
+    rng = np.random.default_rng(0)
+
+    def coordinates(key: str) -> tuple[list[float], list[str] | None]:
+        values = [_value(r.sampled.get(key)) for r in runs]
+        if all(isinstance(v, float) for v in values):
+            return values, None
+        labels = sorted({str(v) for v in values})  # categories at integer positions, a little jitter
+        return [labels.index(str(v)) + rng.uniform(-0.15, 0.15) for v in values], labels
+
+    x, x_labels = coordinates(axes[0])
+    if len(axes) > 1:
+        y, y_labels = coordinates(axes[1])
+    else:
+        y, y_labels = [r.acc_hm if r.acc_hm is not None else float("nan") for r in runs], None
+    palette = {"collapsed": "tab:red", "adaptive": "tab:green", "pruned": "tab:blue", "static": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for verdict, color in palette.items():
+        pts = [(a, b) for a, b, r in zip(x, y, runs) if r.verdict == verdict]
+        if pts:
+            ax.scatter(*zip(*pts), color=color, label=verdict, alpha=0.8)
+    for values, labels, scale in ((x, x_labels, ax.set_xscale), (y, y_labels, ax.set_yscale)):
+        if labels:
+            (ax.set_xticks if scale == ax.set_xscale else ax.set_yticks)(range(len(labels)), labels)
+        elif min(values) > 0 and max(values) / min(values) > 20:  # a range sampled on a log scale, most likely
+            scale("log")
+    ax.set(title=f"Phase map of study {study}: what decides collapse", xlabel=axes[0],
+           ylabel=axes[1] if len(axes) > 1 else "HM accuracy (%)")
+    ax.legend(fontsize=8)
+    return [("Phase map: the two settings that most decide collapse, trials coloured by verdict", _png(fig))]
 
 
 def _mask_heatmaps(report: Report, client: MlflowClient, limit: int = 6) -> list[tuple[str, str]]:
@@ -207,6 +308,7 @@ def render_html(report: Report, client: MlflowClient | None = None, gap_threshol
                      + "".join(f"<th>{html.escape(n)}</th>" for n, _ in columns) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</table>")
+    parts += [f"<p class='note'>{html.escape(note)}</p>" for note in report.to_json()["notes"]]
     parts.append("<h2>Plots</h2>")
     for title, png in _plots(report, client, gap_threshold):
         parts.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"

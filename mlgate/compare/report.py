@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from mlgate.compare import analysis
 from mlgate.compare.collect import RunSummary, heterogeneity
 from mlgate.verdicts import ADAPTIVE, COLLAPSED, PRUNED, STATIC
 
@@ -41,26 +43,18 @@ def headline(runs: list[RunSummary]) -> list[dict[str, Any]]:
     """Gating methods (did the gates adapt, what they cost, what they gained over the matched
     ungated baseline) side by side with pruning methods (what compression, at what accuracy)."""
     rows = []
-    static_by_method: dict[str, list[float]] = {}
-    for r in runs:
-        if r.verdict == STATIC and r.acc_hm is not None:
-            static_by_method.setdefault(r.method, []).append(r.acc_hm)
-    all_static = [v for values in static_by_method.values() for v in values]
-    methods = sorted({r.method for r in runs})
-    for method in methods:
+    for method in sorted({r.method for r in runs}):
         mine = [r for r in runs if r.method == method]
         gated = [r for r in mine if r.verdict in (COLLAPSED, ADAPTIVE)]
         pruning = [r for r in mine if r.active_tokens is not None]
         if gated:
-            baseline = static_by_method.get(method) or all_static
-            hm = _mean([r.acc_hm for r in gated if r.acc_hm is not None])
-            base_hm = _mean(baseline)
+            matched = analysis.gain_vs_baseline(method, runs)
             rows.append({
                 "kind": "gating", "method": method, "n_runs": len(gated),
                 "adapted": sum(r.verdict == ADAPTIVE for r in gated) / len(gated),
                 "trainable_params": _mean([r.trainable_params for r in gated if r.trainable_params is not None]),
-                "acc_hm": hm,
-                "gain_vs_baseline": None if hm is None or base_hm is None else hm - base_hm,
+                "acc_hm": _mean([r.acc_hm for r in gated if r.acc_hm is not None]),
+                "gain_vs_baseline": None if matched is None else matched["mean"],
                 "compression": None,
             })
         if pruning:
@@ -87,13 +81,28 @@ class Report:
 
     def groups(self) -> list[dict[str, Any]]:
         methods = sorted({r.method for r in self.runs})
-        return [group_stats(m, [r for r in self.runs if r.method == m]) for m in methods]
+        return [{**group_stats(m, [r for r in self.runs if r.method == m]), **analysis.group_intervals(m, self.runs)}
+                for m in methods]
+
+    @functools.cached_property
+    def importance(self) -> dict[str, dict[str, float]]:
+        """What decides the verdict and HM accuracy: the sampled settings' importances."""
+        return analysis.importances(self.runs)
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON report: ``{"experiment", "runs", "groups", ...}`` (docs/compare.md)."""
+        """The JSON report: ``{"experiment", "runs", "groups", "importance", ...}`` (docs/compare.md)."""
+        return self._json
+
+    @functools.cached_property
+    def _json(self) -> dict[str, Any]:
         return {
             "experiment": self.experiment,
             "runs": [r.as_json() for r in self.ranked()],
             "groups": self.groups(),
+            "importance": self.importance,
+            "importance_study": analysis.sampled_study(self.runs)[0],
+            "representation": analysis.representation_rows(self.runs),
+            "gate_strategies": analysis.gate_strategy_rows(self.runs),
             "headline": headline(self.runs),
+            "notes": analysis.notes(self.runs, self.importance),
         }

@@ -14,6 +14,11 @@ from pydantic import Field, model_validator
 from mlgate.config.base import StrictModel
 
 
+#: How a trained model's learned gates can be swapped at evaluation (the gating paper's Table II):
+#: all on, random, one per layer, its own per token (``acc/gates/<strategy>``).
+GATE_SWAPS = ("fixed", "random", "per_layer", "per_token")
+
+
 class GateConfig(StrictModel):
     """Per-token sigmoid gates σ(g) on the learned context (the gating paper's CoOp-gating)."""
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from mlgate.config.methods import GateConfig
+from mlgate.config.methods import GATE_SWAPS, GateConfig
 
 
 #: Gate logit of a gate that is fully on (σ(10) ≈ 0.99995): the ``fixed`` all-on strategy.
 GATE_ON = 10.0
 
-#: How :meth:`PromptMethod.swapped_gates` can replace learned gates at evaluation (the paper's Table II).
-GATE_SWAPS = ("fixed", "random", "per_layer", "per_token")
 
 #: Standard deviation of the noise ``swapped_gates("noise")`` adds to the gate logits (appendix C1).
 GATE_NOISE_STD = 0.5
