@@ -16,10 +16,9 @@ from tests.conftest import TINY, deep_update
 @pytest.mark.parametrize("method", ["coop", "cocoop", "maple", "bimaple", "adaptive_bimaple", "adapt"])
 def test_attention_inputs_start_on_16_byte_boundaries(method, monkeypatch):
     # CUDA's attention kernels (cuDNN's, the memory-efficient one) read their inputs in 16-byte words
-    # and do not all check where a view starts: a mask or a q/k/v that begins inside a word faulted on
-    # the H200 (CUBLAS_STATUS_EXECUTION_FAILED at the next matmul; ADAPT, whose per-layer masks were
-    # views into one (layers, ...) tensor). Every tensor handed to attention, in training, evaluation
-    # and the bench's reference pass (open_clip's own blocks), starts on a 16-byte boundary.
+    # and do not all check where a view starts: a mask or a q/k/v that begins inside a word can fault
+    # (views into one (layers, ...) tensor of masks, say). Every tensor handed to attention, in
+    # training, evaluation and the bench's reference pass, starts on a 16-byte boundary.
     import torch.nn.functional as F
 
     attention = F.scaled_dot_product_attention

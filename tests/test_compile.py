@@ -23,9 +23,8 @@ def test_bf16_autocast_trains(monkeypatch):
 def test_a_compiled_step_leaves_nothing_on_the_model():
     # With CUDA graphs (train.compile: reduce-overhead) the tensors a compiled step makes live in the
     # graphs' memory, which the next replay overwrites: anything kept from step to step (a mask, a kept
-    # copy) must be made outside the compiled step, or inside it at every step. The packed mask, kept
-    # on the model when first built inside one, failed the first GPU run. On the CPU (no CUDA graphs)
-    # the same mistake shows as state the compiled step leaves on the model's objects.
+    # copy) must be made outside the compiled step, or inside it at every step. On the CPU (no CUDA
+    # graphs) the same mistake shows as state the compiled step leaves on the model's objects.
     from torch import nn
 
     from mlgate.methods.describe import method_config
