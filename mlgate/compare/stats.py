@@ -39,10 +39,13 @@ def _bootstrap(samples: tuple[np.ndarray, ...], statistic) -> list[float]:
     if all(np.ptp(s) == 0 for s in samples):  # no spread: the interval is the value itself
         value = float(statistic(*(s[None] for s in samples), axis=-1)[0])
         return [value, value]
+    options = dict(confidence_level=CONFIDENCE, n_resamples=RESAMPLES, method="percentile", vectorized=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns about tiny samples; the interval says how wide it is
-        result = bootstrap(samples, statistic, confidence_level=CONFIDENCE, n_resamples=RESAMPLES,
-                           method="percentile", vectorized=True, rng=np.random.default_rng(0))
+        try:
+            result = bootstrap(samples, statistic, rng=np.random.default_rng(0), **options)
+        except TypeError:  # scipy before 1.15 names the generator random_state
+            result = bootstrap(samples, statistic, random_state=np.random.default_rng(0), **options)
     return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
 
 
