@@ -168,7 +168,7 @@ class TrainSpec(StrictModel):
         50, description="Evaluate (and report to Optuna) every this many steps, or in epochs: 'epoch', '10 epochs'.")
     seed: int | None = Field(
         None, description="Seed of initialization and batch order (null: data.seed, as CoOp's --seed sets both).")
-    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N.")
+    device: str = Field("auto", description="auto (CUDA when available), cpu, mps, cuda, cuda:N.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
     compile: bool | Literal["default", "reduce-overhead"] = Field(
@@ -179,6 +179,13 @@ class TrainSpec(StrictModel):
         "true is torch.compile's default mode; 'reduce-overhead' also replays the compiled forward and "
         "backward as CUDA graphs (on CUDA; the same as true on the CPU), for steps whose time goes to "
         "launching kernels rather than running them (small prompts on a fast GPU; docs/performance.md).")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError("one of auto, cpu, mps, cuda, cuda:N")
+        return value
 
     @field_validator("eval_interval")
     @classmethod

@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlgate import __version__
+from mlgate.errors import MlgateError
 from mlgate.tracking.run_context import context_tags
 from mlgate.tracking.sender import MetricSender, is_connection_error
 from mlgate.verdicts import MetricHistory
@@ -36,6 +37,15 @@ def resolve_tracking_uri(uri: str | None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     return uri
+
+
+def tracking_client(uri: str | None) -> MlflowClient:
+    """A client of the tracking URI (resolved as :func:`resolve_tracking_uri`); one MLflow cannot use is bad input."""
+    uri = resolve_tracking_uri(uri)
+    try:
+        return MlflowClient(uri)
+    except MlflowException as exc:
+        raise MlgateError(f"--tracking-uri {redact(uri)}: {exc.message.strip()}") from None
 
 
 def redact(url: str) -> str:
@@ -125,7 +135,7 @@ class StudyTracker:
 
     def __init__(self, tracking_uri: str, experiment: str, study_name: str) -> None:
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
+        self.client = tracking_client(tracking_uri)
         self.study_name = study_name
         self.experiment_id = self._experiment(experiment)
         self.study_run_id: str | None = None
