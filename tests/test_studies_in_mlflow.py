@@ -38,7 +38,9 @@ def test_two_trial_study_lands_in_mlflow(workdir, write_spec):
     plots = {a.path for a in client.list_artifacts(study.info.run_id, "optuna")}
     assert "optuna/optimization_history.png" in plots
 
-    assert [t.info.run_name for t in trials] == ["tiny-t0000", "tiny-t0001"]
+    # The runs table answers "did it adapt?": each trial's verdict joins its name when it ends.
+    assert [t.info.run_name for t in trials] == [f"tiny-t000{i} · {t.data.tags['mlgate.verdict']}"
+                                                 for i, t in enumerate(trials)]
     sampled = set()
     for trial in trials:
         tags, params = trial.data.tags, trial.data.params
@@ -87,6 +89,33 @@ def test_resume_continues_to_the_full_count(workdir, write_spec):
     assert [t.data.tags["mlgate.trial"] for t in trials] == ["0", "1"]
     assert main(["run", str(path)]) == 0  # already complete: nothing more
     assert len(runs_of("tiny")[2]) == 2
+
+
+def test_baselines_run_first_once_each_and_are_named(workdir, write_spec):
+    path = write_spec(study={"n_trials": 3}, baselines={
+        "reference": {"train": {"optimizer": {"lr": 0.002}}},
+        "no_gates": {"method": {"gate": {"enabled": False}}, "train": {"optimizer": {"lr": 0.002}}}})
+    assert main(["run", str(path), "--trials", "1"]) == 0
+    assert main(["run", str(path)]) == 0  # resumed: the second baseline, then a searched trial
+    _, [study], trials = runs_of("tiny")
+    first, second, searched = trials
+    names = sorted(t.data.tags.get("mlgate.baseline") for t in (first, second))
+    assert names == ["no_gates", "reference"] and "mlgate.baseline" not in searched.data.tags
+    no_gates = next(t for t in trials if t.data.tags.get("mlgate.baseline") == "no_gates")
+    assert no_gates.info.run_name == f"tiny-t000{no_gates.data.tags['mlgate.trial']} baseline no_gates · static"
+    assert no_gates.data.params["method.gate.enabled"] == "False" and no_gates.data.params["baseline"] == "no_gates"
+    assert no_gates.data.params["train.optimizer.lr"] == "0.002" and no_gates.data.params["train.gate_lr_mult"] == "1.0"
+    assert searched.data.params["train.optimizer.lr"] == "0.01" and searched.data.params["baseline"] == "null"
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(workdir / "mlflow.optuna.journal")))
+    ostudy = optuna.load_study(study_name="tiny", storage=storage)
+    assert [t.user_attrs.get("mlgate.baseline") for t in ostudy.trials][2:] == [None]  # queued once, not again
+    import json
+
+    summary = json.load(open(MlflowClient(f"sqlite:///{workdir}/mlflow.db").download_artifacts(
+        study.info.run_id, "summary.json")))
+    assert summary["baselines"]["no_gates"]["verdict"] == "static"
+    assert "Baselines: [no_gates](#/experiments/" in study.data.tags["mlflow.note.content"]
 
 
 def test_pruned_trials_are_killed_runs_and_count(workdir, write_spec):

@@ -24,13 +24,17 @@ GROUP_COLUMNS = [
     ("HM mean", "acc_hm_mean"), ("HM best", "acc_hm_best"), ("depth heterogeneity", "depth_heterogeneity"),
 ]
 HEADLINE_COLUMNS = [
-    ("kind", "kind"), ("method", "method"), ("runs", "n_runs"), ("adapted / pruned", "adapted"),
+    ("kind", "kind"), ("method", "method"), ("runs", "n_runs"),
+    ("adapted / pruned", lambda row: f"{row['n_adapted']}/{row['n_runs']}, {100 * row['adapted']:.0f}%"),
     ("params", "trainable_params"), ("HM", "acc_hm"), ("gain vs baseline", "gain_vs_baseline"),
     ("compression", "compression"),
+    ("baselines", lambda row: "; ".join(f"{name} {b['verdict']} (HM {fmt(b['acc_hm'])})"
+                                        for name, b in row["baselines"].items()) or None),
 ]
 CONTRACT_RUN_KEYS = [
     "run_id", "run_name", "study", "trial", "method", "state", "verdict", "grad_gap_log10", "gate_drift",
     "gate_batch_std", "gate_input_std", "effective_length", "active_tokens", "acc_base", "acc_novel", "acc_hm", "trainable_params",
+    "baseline",
 ]
 
 
@@ -47,12 +51,13 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def _rows(items: list[Any], columns: list[tuple[str, str]]) -> list[list[str]]:
+def _rows(items: list[Any], columns: list[tuple[str, Any]]) -> list[list[str]]:
+    # A column is a key of the item, or a function of it (a cell made of several values).
     get: Callable[[Any, str], Any] = (lambda o, k: o[k]) if items and isinstance(items[0], dict) else getattr
-    return [[fmt(get(item, key)) for _, key in columns] for item in items]
+    return [[fmt(key(item) if callable(key) else get(item, key)) for _, key in columns] for item in items]
 
 
-def _sections(report: Report) -> list[tuple[str, list[tuple[str, str]], list[list[str]]]]:
+def _sections(report: Report) -> list[tuple[str, list[tuple[str, Any]], list[list[str]]]]:
     data = report.to_json()
     return [
         ("Gating vs pruning", HEADLINE_COLUMNS, _rows(data["headline"], HEADLINE_COLUMNS)),

@@ -37,40 +37,56 @@ def group_stats(method: str, runs: list[RunSummary]) -> dict[str, Any]:
     }
 
 
+def _reference_hm(method: str, gated: list[RunSummary], runs: list[RunSummary]) -> list[float]:
+    # The matched ungated baseline: the study's own baselines without learned gates, else any of the
+    # method's, else the method's static runs, else every static run.
+    studies = {r.study for r in gated}
+    ungated = [r for r in runs if r.verdict == STATIC and r.acc_hm is not None]
+    for pick in (lambda r: r.baseline and r.method == method and r.study in studies,
+                 lambda r: r.baseline and r.method == method,
+                 lambda r: r.method == method,
+                 lambda r: True):
+        found = [r.acc_hm for r in ungated if pick(r)]
+        if found:
+            return found
+    return []
+
+
 def headline(runs: list[RunSummary]) -> list[dict[str, Any]]:
-    """Gating methods (did the gates adapt, what they cost, what they gained over the matched
-    ungated baseline) side by side with pruning methods (what compression, at what accuracy)."""
+    """Gating methods (did the gates adapt, what they cost, what they gained over the matched ungated
+    baseline, and how the baselines themselves came out) side by side with pruning methods (what
+    compression, at what accuracy). A study's baselines are the reference points, not counted among
+    the runs they are compared with."""
     rows = []
-    static_by_method: dict[str, list[float]] = {}
-    for r in runs:
-        if r.verdict == STATIC and r.acc_hm is not None:
-            static_by_method.setdefault(r.method, []).append(r.acc_hm)
-    all_static = [v for values in static_by_method.values() for v in values]
-    methods = sorted({r.method for r in runs})
-    for method in methods:
+    for method in sorted({r.method for r in runs}):
         mine = [r for r in runs if r.method == method]
-        gated = [r for r in mine if r.verdict in (COLLAPSED, ADAPTIVE)]
-        pruning = [r for r in mine if r.active_tokens is not None]
+        gated = [r for r in mine if r.verdict in (COLLAPSED, ADAPTIVE) and not r.baseline]
+        pruning = [r for r in mine if r.active_tokens is not None and not r.baseline]
+        baselines = {r.baseline: {"verdict": r.verdict, "acc_hm": r.acc_hm}
+                     for r in sorted(mine, key=lambda r: (r.trial is None, r.trial)) if r.baseline}
         if gated:
-            baseline = static_by_method.get(method) or all_static
             hm = _mean([r.acc_hm for r in gated if r.acc_hm is not None])
-            base_hm = _mean(baseline)
+            base_hm = _mean(_reference_hm(method, gated, runs))
+            n_adapted = sum(r.verdict == ADAPTIVE for r in gated)
             rows.append({
                 "kind": "gating", "method": method, "n_runs": len(gated),
-                "adapted": sum(r.verdict == ADAPTIVE for r in gated) / len(gated),
+                "n_adapted": n_adapted, "adapted": n_adapted / len(gated),
                 "trainable_params": _mean([r.trainable_params for r in gated if r.trainable_params is not None]),
                 "acc_hm": hm,
                 "gain_vs_baseline": None if hm is None or base_hm is None else hm - base_hm,
                 "compression": None,
+                "baselines": baselines,
             })
         if pruning:
+            n_pruned = sum(r.verdict == PRUNED for r in pruning)
             rows.append({
                 "kind": "pruning", "method": method, "n_runs": len(pruning),
-                "adapted": sum(r.verdict == PRUNED for r in pruning) / len(pruning),
+                "n_adapted": n_pruned, "adapted": n_pruned / len(pruning),
                 "trainable_params": _mean([r.trainable_params for r in pruning if r.trainable_params is not None]),
                 "acc_hm": _mean([r.acc_hm for r in pruning if r.acc_hm is not None]),
                 "gain_vs_baseline": None,
                 "compression": _mean([r.compression for r in pruning if r.compression is not None]),
+                "baselines": baselines,
             })
     return rows
 

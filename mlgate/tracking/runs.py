@@ -25,8 +25,9 @@ from mlgate.tracking.sender import MetricSender, is_connection_error
 from mlgate.verdicts import MetricHistory
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-ROLE, STUDY, TRIAL, METHOD, STATE, VERDICT = (
-    "mlgate.role", "mlgate.study", "mlgate.trial", "mlgate.method", "mlgate.state", "mlgate.verdict"
+ROLE, STUDY, TRIAL, METHOD, STATE, VERDICT, BASELINE = (
+    "mlgate.role", "mlgate.study", "mlgate.trial", "mlgate.method", "mlgate.state", "mlgate.verdict",
+    "mlgate.baseline",
 )
 _RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
@@ -62,9 +63,11 @@ class TrialRun:
     up to ``outage_s``.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, sender: MetricSender, outage_s: float = 600.0) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, sender: MetricSender, outage_s: float = 600.0,
+                 name: str | None = None) -> None:
         self.client = client
         self.run_id = run_id
+        self.name = name
         self.history = MetricHistory()
         self.outage_s = outage_s
         self._sender = sender
@@ -121,6 +124,8 @@ class TrialRun:
             self.end("FAIL", verdict, error=exc)
             raise
         tags = [RunTag(STATE, state), RunTag(VERDICT, verdict)]
+        if self.name is not None:  # the runs table answers "did it adapt?" by name
+            tags.append(RunTag("mlflow.runName", f"{self.name} · {'failed' if state == 'FAIL' else verdict}"))
         if error is not None:
             tags.append(RunTag("mlgate.error", f"{type(error).__name__}: {error}"[:500]))
             text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
@@ -211,25 +216,30 @@ class StudyTracker:
         return run.info.run_id
 
     def start_trial(self, number: int, method: str, params: dict[str, str],
-                    sampled: dict[str, Any]) -> TrialRun:
-        """A child run of the study run, named ``<study>-t0007``, with the resolved config as params."""
+                    sampled: dict[str, Any], baseline: str | None = None) -> TrialRun:
+        """A child run of the study run, named ``<study>-t0007`` (``<study>-t0000 baseline NAME`` for a
+        baseline), with the resolved config as params; its verdict joins the name when it ends."""
         assert self.study_run_id is not None, "open_study_run first"
+        name = f"{self.study_name}-t{number:04d}" + (f" baseline {baseline}" if baseline else "")
         run = self.client.create_run(
             self.experiment_id,
-            run_name=f"{self.study_name}-t{number:04d}",
+            run_name=name,
             tags={**context_tags(),
                 "mlflow.parentRunId": self.study_run_id, ROLE: "trial", STUDY: self.study_name,
                 TRIAL: str(number), METHOD: method, STATE: "RUNNING",
                 "mlgate.worker": f"{socket.gethostname()}:{os.getpid()}",
                 "mlgate.sampled": ", ".join(sorted(sampled)) or "(none)",
+                **({BASELINE: baseline} if baseline else {}),
             },
         )
         self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-        return TrialRun(self.client, run.info.run_id, self.sender)
+        return TrialRun(self.client, run.info.run_id, self.sender, name=name)
 
     def fail_run(self, run_id: str, reason: str) -> None:
         """Close a trial run whose worker died: FAILED, with the reason as tag and ``error.txt``."""
-        self.client.log_batch(run_id, tags=[RunTag(STATE, "FAIL"), RunTag("mlgate.error", reason)])
+        name = self.client.get_run(run_id).info.run_name
+        self.client.log_batch(run_id, tags=[RunTag(STATE, "FAIL"), RunTag("mlgate.error", reason),
+                                            RunTag("mlflow.runName", f"{name} · failed")])
         self.client.log_text(run_id, reason + "\n", "error.txt")
         self.client.set_terminated(run_id, status="FAILED")
 
@@ -253,16 +263,25 @@ class StudyTracker:
 
 def summary_note(summary: dict[str, Any], experiment_id: str | None = None) -> str:
     """Markdown description for the study run (MLflow shows it as the run's note)."""
+
+    def link(text: str, run_id: str | None) -> str:
+        # The note is read inside the MLflow UI: a link relative to it.
+        return f"[{text}](#/experiments/{experiment_id}/runs/{run_id})" if experiment_id is not None and run_id else text
+
     lines = [f"## mlgate study `{summary['study']}`", ""]
     counts = ", ".join(f"{v} {k.lower()}" for k, v in summary.get("counts", {}).items())
     lines.append(f"Trials: {counts or 'none'}.")
     best = summary.get("best")
     if best:
-        run = f"`{best.get('run_id')}`"
-        if experiment_id is not None and best.get("run_id"):
-            run = f"[{summary['study']}-t{best['trial']:04d}](#/experiments/{experiment_id}/runs/{best['run_id']})"
-        lines.append(f"Best: trial {best['trial']} ({summary['objective']} = {best['value']:.4g}), run {run}, "
-                     f"params `{best['params']}`.")
+        name = f"{summary['study']}-t{best['trial']:04d}"
+        lines.append(f"Best: trial {best['trial']} ({summary['objective']} = {best['value']:.4g}), run "
+                     f"{link(name, best.get('run_id'))}, params `{best['params']}`.")
+    baselines = summary.get("baselines")
+    if baselines:
+        lines.append("Baselines: " + "; ".join(
+            f"{link(name, b.get('run_id'))} (trial {b['trial']}) {b.get('verdict') or b['state'].lower()}"
+            + (f", {summary['objective']} = {b['value']:.4g}" if b.get("value") is not None else "")
+            for name, b in baselines.items()) + ".")
     verdicts = summary.get("verdicts")
     if verdicts:
         lines.append("Verdicts: " + ", ".join(f"{v} {k}" for k, v in verdicts.items()) + ".")
@@ -270,4 +289,3 @@ def summary_note(summary: dict[str, Any], experiment_id: str | None = None) -> s
     if importances:
         lines.append("Parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()) + ".")
     return "\n".join(lines)
-
