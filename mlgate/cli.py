@@ -68,10 +68,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                             close=not args.worker)
         if args.worker:
             return 0
+    from mlgate.tracking.runs import redact, resolve_tracking_uri, ui_base, ui_link
+
     best = summary.get("best")
     counts = ", ".join(f"{v} {k.lower()}" for k, v in summary["counts"].items())
     print(f"study {spec.name}: done ({counts})" + (
         f"; best trial {best['trial']} {spec.study.objective}={best['value']:.4g}" if best else ""))
+    uri = resolve_tracking_uri(args.tracking_uri)
+    print(f"MLflow UI, training view: {ui_link(summary['experiment_id'], base=ui_base(uri))}")
+    if not uri.startswith(("http://", "https://")):
+        print(f"  (serve it first: mlflow ui --backend-store-uri {redact(uri)})")
     return 0
 
 

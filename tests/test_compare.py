@@ -139,10 +139,13 @@ def test_every_format(outside_runs, capsys, workdir):
     assert rows[0]["acc_hm"] == "76.0"
     markdown = (out / "report.md").read_text()
     assert "| collapsed-run | coop_gated | COMPLETE | collapsed | 3 |" in markdown
-    assert json.loads((out / "report.json").read_text())["experiment"] == "outside"
+    report = json.loads((out / "report.json").read_text())
+    assert report["experiment"] == "outside"
+    assert report["ui"] == f"http://127.0.0.1:5000/#/experiments/{MlflowClient(outside_runs).get_experiment_by_name('outside').experiment_id}?workflowType=machine_learning"
     page = (out / "report.html").read_text()
     assert page.count("<img") >= 4  # gap curves, gate trajectories, active tokens, acc vs T_target, acc vs params
-    assert "collapsed-run" in page and "http" not in page.split("<body>")[1]  # self-contained
+    assert "collapsed-run" in page and "src='http" not in page and "<script" not in page  # self-contained
+    assert "?workflowType=machine_learning'>MLflow UI, training view</a>" in page
     for fmt in ("markdown", "csv", "json", "html"):
         assert compare(["--experiment", "outside", "--format", fmt, "--no-log"]) == 0
         assert capsys.readouterr().out.strip() == (out / {"markdown": "report.md", "csv": "runs.csv",

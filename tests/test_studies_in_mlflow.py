@@ -26,10 +26,17 @@ def runs_of(experiment: str, uri: str | None = None):
     return client, study, trials
 
 
-def test_two_trial_study_lands_in_mlflow(workdir, write_spec):
+def test_two_trial_study_lands_in_mlflow(workdir, write_spec, capsys):
     path = write_spec()
     assert main(["run", str(path)]) == 0
     client, [study], trials = runs_of("tiny")
+    # A training experiment, opened by the printed link in the UI's training view.
+    experiment = client.get_experiment(study.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    out = capsys.readouterr().out
+    assert (f"MLflow UI, training view: http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
+            "?workflowType=machine_learning\n") in out
+    assert f"mlflow ui --backend-store-uri sqlite:///{workdir}/mlflow.db" in out
 
     assert study.info.run_name == "tiny" and study.info.status == "FINISHED"
     assert study.data.tags["mlgate.study"] == "tiny"
@@ -38,9 +45,10 @@ def test_two_trial_study_lands_in_mlflow(workdir, write_spec):
     plots = {a.path for a in client.list_artifacts(study.info.run_id, "optuna")}
     assert "optuna/optimization_history.png" in plots
 
-    # The runs table answers "did it adapt?": each trial's verdict joins its name when it ends.
-    assert [t.info.run_name for t in trials] == [f"tiny-t000{i} · {t.data.tags['mlgate.verdict']}"
+    # The runs table answers "did it adapt?": each trial's verdict leads its name and colours it when it ends.
+    assert [t.info.run_name for t in trials] == [f"{t.data.tags['mlgate.verdict']} · tiny-t000{i}"
                                                  for i, t in enumerate(trials)]
+    assert {t.data.tags["mlflow.runColor"] for t in trials} <= {"#d62728", "#2ca02c"}
     sampled = set()
     for trial in trials:
         tags, params = trial.data.tags, trial.data.params
@@ -59,6 +67,9 @@ def test_two_trial_study_lands_in_mlflow(workdir, write_spec):
         assert [m.step for m in client.get_metric_history(trial.info.run_id, "acc/val")] == [3, 6]
         for strategy in ("fixed", "random", "per_layer", "per_token"):  # Table II, gates swapped at the end
             assert [m.step for m in client.get_metric_history(trial.info.run_id, f"acc/gates/{strategy}")] == [6]
+        [data] = trial.inputs.dataset_inputs  # the runs table's Dataset column
+        assert (data.dataset.name, data.dataset.source_type) == ("shapes", "code")
+        assert data.tags[0].key == "mlflow.data.context" and data.tags[0].value == "train"
         gates = {a.path for a in client.list_artifacts(trial.info.run_id, "gates")}
         assert {"gates/trajectory.npy", "gates/trajectory.png"} <= gates
     assert len(sampled) == 2
@@ -102,7 +113,7 @@ def test_baselines_run_first_once_each_and_are_named(workdir, write_spec):
     names = sorted(t.data.tags.get("mlgate.baseline") for t in (first, second))
     assert names == ["no_gates", "reference"] and "mlgate.baseline" not in searched.data.tags
     no_gates = next(t for t in trials if t.data.tags.get("mlgate.baseline") == "no_gates")
-    assert no_gates.info.run_name == f"tiny-t000{no_gates.data.tags['mlgate.trial']} baseline no_gates · static"
+    assert no_gates.info.run_name == f"static · baseline no_gates · tiny-t000{no_gates.data.tags['mlgate.trial']}"
     assert no_gates.data.params["method.gate.enabled"] == "False" and no_gates.data.params["baseline"] == "no_gates"
     assert no_gates.data.params["train.optimizer.lr"] == "0.002" and no_gates.data.params["train.gate_lr_mult"] == "1.0"
     assert searched.data.params["train.optimizer.lr"] == "0.01" and searched.data.params["baseline"] == "null"

@@ -21,7 +21,7 @@ from mlgate.compare.collect import RunSummary, collect_runs
 from mlgate.compare.render import render_csv, render_html, render_json, render_markdown, render_table
 from mlgate.compare.report import Report
 from mlgate.errors import MlgateError
-from mlgate.tracking.runs import tracking_client
+from mlgate.tracking.runs import resolve_tracking_uri, tracking_client, ui_base, ui_link
 from mlgate.verdicts import Thresholds
 
 FORMATS = ("table", "markdown", "csv", "json", "html")
@@ -34,9 +34,11 @@ __all__ = ["Report", "RunSummary", "build_report", "main"]
 
 def build_report(experiment: str, tracking_uri: str | None = None, thresholds: Thresholds = Thresholds(),
                  study: str | None = None, states: set[str] | None = None, rank_by: str = "acc_hm") -> Report:
-    """The comparison report of one experiment (what ``main`` renders)."""
-    return Report(experiment, collect_runs(tracking_client(tracking_uri), experiment, thresholds, study, states),
-                  rank_by)
+    """The comparison report of one experiment (what ``main`` renders), with its link into the MLflow UI."""
+    client = tracking_client(tracking_uri)
+    runs = collect_runs(client, experiment, thresholds, study, states)
+    exp = client.get_experiment_by_name(experiment)
+    return Report(experiment, runs, rank_by, ui_link(exp.experiment_id, base=ui_base(resolve_tracking_uri(tracking_uri))))
 
 
 def _log_report(client: MlflowClient, experiment: str, folder: Path) -> str:
@@ -88,9 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     thresholds = Thresholds(gap_log10=args.gap, drift=args.drift, input_std=args.input_std, stillness=args.stillness)
+    report = build_report(args.experiment, args.tracking_uri, thresholds, args.study,
+                          set(args.state) if args.state else None, args.rank_by)
     client = tracking_client(args.tracking_uri)
-    report = Report(args.experiment, collect_runs(client, args.experiment, thresholds, args.study,
-                                                  set(args.state) if args.state else None), args.rank_by)
     renderers = {"markdown": render_markdown, "csv": render_csv, "json": render_json,
                  "html": lambda r: render_html(r, client, thresholds.gap_log10)}
     # The files and the report run are written even when the reader has left early (`| head -1`).

@@ -74,6 +74,8 @@ def render_table(report: Report) -> str:
     buffer = io.StringIO()
     console = Console(file=buffer, width=160, force_terminal=False, color_system=None)
     console.print(f"mlgate.compare — experiment [b]{report.experiment}[/b]: {len(report.runs)} runs")
+    if report.ui:
+        console.print(f"MLflow UI, training view: {report.ui}", highlight=False, soft_wrap=True)
     for title, columns, rows in _sections(report):
         table = Table(title=title, title_justify="left")
         for name, _ in columns:
@@ -86,6 +88,8 @@ def render_table(report: Report) -> str:
 
 def render_markdown(report: Report) -> str:
     out = [f"# mlgate.compare — experiment `{report.experiment}`", ""]
+    if report.ui:
+        out += [f"In the [MLflow UI, training view]({report.ui}).", ""]
     for title, columns, rows in _sections(report):
         out += [f"## {title}", "", "| " + " | ".join(n for n, _ in columns) + " |",
                 "|" + "---|" * len(columns)]
@@ -205,7 +209,8 @@ def render_html(report: Report, client: MlflowClient | None = None, gap_threshol
         "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
         "figure{display:inline-block;margin:0.5em}</style></head><body>",
         f"<h1>mlgate.compare — experiment <code>{html.escape(report.experiment)}</code></h1>",
-        f"<p>{len(report.runs)} runs.</p>",
+        f"<p>{len(report.runs)} runs" + (f", in the <a href='{html.escape(report.ui)}'>MLflow UI, training view</a>"
+                                           if report.ui else "") + ".</p>",
     ]
     for title, columns, rows in _sections(report):
         parts.append(f"<h2>{html.escape(title)}</h2><table><tr>"

@@ -96,6 +96,7 @@ class Report:
     experiment: str
     runs: list[RunSummary]
     rank_by: str = "acc_hm"
+    ui: str | None = None  # the experiment in the MLflow UI's training view
 
     def ranked(self) -> list[RunSummary]:
         """Runs by ``rank_by`` (descending; runs without the value last)."""
@@ -106,9 +107,10 @@ class Report:
         return [group_stats(m, [r for r in self.runs if r.method == m]) for m in methods]
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON report: ``{"experiment", "runs", "groups", ...}`` (docs/compare.md)."""
+        """The JSON report: ``{"experiment", "ui", "runs", "groups", "headline"}`` (docs/compare.md)."""
         return {
             "experiment": self.experiment,
+            "ui": self.ui,
             "runs": [r.as_json() for r in self.ranked()],
             "groups": self.groups(),
             "headline": headline(self.runs),

@@ -73,7 +73,7 @@ class Objective:
         baseline = trial.user_attrs.get(BASELINE)
         trial_spec = self.spec.with_values({**sampled, "baseline": baseline} if baseline else sampled)
         run = self.tracker.start_trial(trial.number, trial_spec.method.name, trial_spec.flat_params(), sampled,
-                                       baseline)
+                                       baseline, trial_spec.data)
         trial.set_user_attr("mlflow_run_id", run.run_id)
         objective = self.spec.study.objective
         collapse = self.spec.study.collapse_pruning
@@ -192,7 +192,7 @@ def run_trials(study: optuna.Study, tracker: StudyTracker, spec: StudySpec, prog
 
 def close_study(study: optuna.Study, tracker: StudyTracker, spec: StudySpec, status: str) -> dict[str, Any]:
     """Log the summary, the plots and the status on the study run."""
-    summary = summarize(study, spec)
+    summary = {**summarize(study, spec), "experiment_id": tracker.experiment_id}
     with tempfile.TemporaryDirectory(prefix="mlgate-") as tmp:
         save_plots(study, Path(tmp))
         tracker.close_study_run(summary, Path(tmp), status)
