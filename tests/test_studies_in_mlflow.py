@@ -129,6 +129,36 @@ def test_baselines_run_first_once_each_and_are_named(workdir, write_spec):
     assert "Baselines: [no_gates](#/experiments/" in study.data.tags["mlflow.note.content"]
 
 
+def test_a_baseline_runs_to_its_end_whatever_the_pruner(workdir, write_spec):
+    path = write_spec(study={"pruner": {"type": "threshold", "lower": 101.0}},  # no accuracy passes
+                      baselines={"slow": {"train": {"optimizer": {"lr": 0.002}}}})
+    assert main(["run", str(path)]) == 0
+    _, _, (baseline, searched) = runs_of("tiny")
+    assert baseline.data.tags["mlgate.baseline"] == "slow" and baseline.data.tags["mlgate.state"] == "COMPLETE"
+    assert searched.data.tags["mlgate.state"] == "PRUNED"
+
+
+def test_the_pruner_compares_a_trial_with_the_searched_trials_only():
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from mlgate.sweep.search import WithoutBaselines
+
+    def study_with(pruner):
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        x = {"x": FloatDistribution(0, 1)}
+        study.add_trial(create_trial(params={"x": 0.1}, distributions=x, value=0.1, intermediate_values={1: 0.1},
+                                     user_attrs={"mlgate.baseline": "reference"}))
+        study.add_trial(create_trial(params={"x": 0.9}, distributions=x, value=0.9, intermediate_values={1: 0.9}))
+        trial = study.ask()
+        trial.report(0.5, 1)
+        return trial.should_prune()
+
+    median = dict(n_startup_trials=1, n_warmup_steps=0)
+    assert not study_with(optuna.pruners.MedianPruner(**median))  # the baseline drags the median to 0.5
+    assert study_with(WithoutBaselines(optuna.pruners.MedianPruner(**median)))  # the searched trials' is 0.9
+
+
 def test_pruned_trials_are_killed_runs_and_count(workdir, write_spec):
     path = write_spec(study={"pruner": {"type": "threshold", "lower": 101.0}})  # no accuracy passes
     assert main(["run", str(path)]) == 0

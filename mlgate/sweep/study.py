@@ -83,6 +83,8 @@ class Objective:
 
         def report(step: int, metrics: dict[str, float]) -> None:
             trial.report(metrics[objective], step)
+            if baseline:  # a reference point runs to its end
+                return
             if trial.should_prune():
                 raise optuna.TrialPruned(f"{objective}={metrics[objective]:.4g} at step {step}")
             # Early warning (the paper's template): gates already collapsed → stop spending on them.
