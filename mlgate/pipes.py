@@ -17,9 +17,12 @@ READER_LEFT = 141
 def silence(stream: TextIO) -> None:
     """Point the stream's file descriptor at /dev/null, so later writes and the flush at exit go nowhere."""
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        fd = stream.fileno()
     except (OSError, ValueError):  # not backed by a file descriptor (captured output): nothing to redirect
-        pass
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def write(text: str, stream: TextIO | None = None) -> bool:

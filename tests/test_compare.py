@@ -141,7 +141,8 @@ def test_every_format(outside_runs, capsys, workdir):
     assert "| collapsed-run | coop_gated | COMPLETE | collapsed | 3 |" in markdown
     report = json.loads((out / "report.json").read_text())
     assert report["experiment"] == "outside"
-    assert report["ui"] == f"http://127.0.0.1:5000/#/experiments/{MlflowClient(outside_runs).get_experiment_by_name('outside').experiment_id}?workflowType=machine_learning"
+    experiment_id = MlflowClient(outside_runs).get_experiment_by_name("outside").experiment_id
+    assert report["ui"] == f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning"
     page = (out / "report.html").read_text()
     assert page.count("<img") >= 4  # gap curves, gate trajectories, active tokens, acc vs T_target, acc vs params
     assert "collapsed-run" in page and "src='http" not in page and "<script" not in page  # self-contained

@@ -217,7 +217,8 @@ def test_gradient_balancing_has_the_reference_recipe_as_its_baselines():
     reference, no_gates = (spec.with_values({"baseline": name}) for name in ("reference", "no_gates"))
     for config in (reference, no_gates):
         train = config.train
-        assert (train.optimizer.name, train.optimizer.lr, train.gate_lr_mult, train.grad_clip) == ("sgd", 0.002, 1.0, None)
+        recipe = (train.optimizer.name, train.optimizer.lr, train.gate_lr_mult, train.grad_clip)
+        assert recipe == ("sgd", 0.002, 1.0, None)
         assert train.gates.temperature.end == 1.0 and train.gates.entropy_weight == 0.0
         assert not train.gates.equilibrium.enabled and train.phases.warmup == train.phases.gate_only == 0
     assert reference.method.gate.enabled and not no_gates.method.gate.enabled

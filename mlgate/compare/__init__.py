@@ -37,8 +37,9 @@ def build_report(experiment: str, tracking_uri: str | None = None, thresholds: T
     """The comparison report of one experiment (what ``main`` renders), with its link into the MLflow UI."""
     client = tracking_client(tracking_uri)
     runs = collect_runs(client, experiment, thresholds, study, states)
-    exp = client.get_experiment_by_name(experiment)
-    return Report(experiment, runs, rank_by, ui_link(exp.experiment_id, base=ui_base(resolve_tracking_uri(tracking_uri))))
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    ui = ui_link(experiment_id, base=ui_base(resolve_tracking_uri(tracking_uri)))
+    return Report(experiment, runs, rank_by, ui)
 
 
 def _log_report(client: MlflowClient, experiment: str, folder: Path) -> str:

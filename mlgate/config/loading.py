@@ -77,7 +77,8 @@ def _check_baselines(spec: StudySpec) -> list[str]:
         try:
             values = spec.baseline_values(name)
         except ValidationError as exc:
-            problems.append(f"baselines.{name}: would make an invalid trial config ({'; '.join(readable_problems(exc))})")
+            detail = "; ".join(readable_problems(exc))
+            problems.append(f"baselines.{name}: would make an invalid trial config ({detail})")
             continue
         problems += [f"baselines.{name}: {key} is {value!r}, outside search.{key}; a baseline holds each searched "
                      "setting at a value the search can take" for key, value in values.items()

@@ -60,5 +60,6 @@ def fail_stale_trials(study: optuna.Study, tracker: StudyTracker, grace: float, 
         retries = t.user_attrs.get("mlgate.retries", 0)
         if retries < max_retries:
             keep = {k: v for k, v in t.user_attrs.items() if k == BASELINE}  # a baseline stays one
-            study.enqueue_trial(t.params, user_attrs={**keep, "mlgate.retries": retries + 1, "mlgate.retry_of": t.number})
+            study.enqueue_trial(t.params, user_attrs={**keep, "mlgate.retries": retries + 1,
+                                                      "mlgate.retry_of": t.number})
         echo(f"trial {t.number}: FAIL  {reason}" + ("; retrying" if retries < max_retries else ""))

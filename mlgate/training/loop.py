@@ -71,8 +71,9 @@ class TrialOutcome:
 
 def preflight(spec: StudySpec) -> None:
     """Build the backbone, the data and the method once on the CPU, so a spec that cannot train (a device
-    this machine lacks, missing weights, a wrong dataset layout, a depth beyond the backbone's layers, a ctx_init of the wrong
-    length, an ADAPT schedule that cannot prune to its target) fails before any trial starts."""
+    this machine lacks, missing weights, a wrong dataset layout, a depth beyond the backbone's layers, a
+    ctx_init of the wrong length, an ADAPT schedule that cannot prune to its target) fails before any
+    trial starts."""
     resolve_device(spec.train.device)
     clip = load_backbone(spec.backbone.name, spec.backbone.pretrained, "cpu")
     data = load_data(spec, clip)
