@@ -12,6 +12,7 @@ import shlex
 import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from mlgate import pipes
 from mlgate.errors import MlgateError, StudyFailed
 
 if TYPE_CHECKING:  # torch-heavy modules load lazily, so `mlgate --help` stays fast
@@ -19,17 +20,19 @@ if TYPE_CHECKING:  # torch-heavy modules load lazily, so `mlgate --help` stays f
     from mlgate.data import FewShotData
 
 
-def _trials(text: str) -> int | None:
-    # MLproject passes -P trials="" when the user gives none: keep the spec's count then.
-    if text.strip() == "":
-        return None
+def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--trials takes a whole number >= 1, not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 1, not {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"--trials takes a whole number >= 1, not {value}")
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 1, not {value}")
     return value
+
+
+def _trials(text: str) -> int | None:
+    # MLproject passes -P trials="" when the user gives none: keep the spec's count then.
+    return None if text.strip() == "" else _positive(text)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -42,7 +45,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _echo(prefix: str = "") -> Callable[[str], None]:
-    return lambda line: print(prefix + line, file=sys.stderr, flush=True)
+    return lambda line: pipes.write(prefix + line + "\n", sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -65,10 +68,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                             close=not args.worker)
         if args.worker:
             return 0
+    from mlgate.tracking.runs import redact, resolve_tracking_uri, ui_base, ui_link
+
     best = summary.get("best")
     counts = ", ".join(f"{v} {k.lower()}" for k, v in summary["counts"].items())
     print(f"study {spec.name}: done ({counts})" + (
         f"; best trial {best['trial']} {spec.study.objective}={best['value']:.4g}" if best else ""))
+    uri = resolve_tracking_uri(args.tracking_uri)
+    print(f"MLflow UI, training view: {ui_link(summary['experiment_id'], base=ui_base(uri))}")
+    if not uri.startswith(("http://", "https://")):
+        print(f"  (serve it first: mlflow ui --backend-store-uri {redact(uri)})")
     return 0
 
 
@@ -134,7 +143,7 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=["coop", "torchvision"], default="coop",
                         help="layout under --root: CoOp's (split_zhou JSON) or torchvision's")
     parser.add_argument("--download", action="store_true", help="with --source torchvision: download into --root")
-    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--shots", type=_positive, default=16)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true")
 
@@ -245,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     desc.add_argument("method")
     desc.add_argument("--backbone", default="mlgate-tiny", help="open_clip model name (random init)")
     desc.add_argument("--set", action="append", metavar="method.KEY=VALUE")
-    desc.add_argument("--classes", type=int, default=10, help="number of classes scored (default 10)")
+    desc.add_argument("--classes", type=_positive, default=10, help="number of classes scored (default 10)")
     desc.add_argument("--json", action="store_true", help="one JSON object on stdout")
     desc.set_defaults(func=cmd_describe)
 
@@ -288,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@pipes.quiet_when_reader_leaves
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mlgate`` console script."""
     from mlgate import interrupts

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlgate import pipes
+
 
 class Progress:
     """Receives the study's messages and the running trial's metrics (through :class:`ProgressSink`)."""
@@ -31,7 +33,7 @@ class Progress:
         if self._bar is not None:
             self._bar.console.print(self.prefix + line, highlight=False)
         else:
-            print(self.prefix + line, file=sys.stderr, flush=True)
+            pipes.write(self.prefix + line + "\n", sys.stderr)  # a log reader that left does not stop the study
 
     def set_finished(self, finished: int) -> None:
         if self._bar is not None:

@@ -85,8 +85,31 @@ def test_verdicts_and_groups_by_value(outside_runs, capsys):
 
     headline = {(h["kind"], h["method"]): h for h in report["headline"]}
     gating = headline[("gating", "coop_gated")]
-    assert gating["adapted"] == 0.5 and gating["gain_vs_baseline"] == pytest.approx(72.0 - 72.0)
+    assert gating["adapted"] == 0.5 and gating["n_adapted"] == 1
+    assert gating["gain_vs_baseline"] == pytest.approx(72.0 - 72.0)
     assert headline[("pruning", "adapt")]["compression"] == 0.75
+
+
+def test_the_headline_reads_gains_and_verdicts_against_the_studys_baselines(workdir, capsys):
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    mlflow.set_experiment("outside")
+    study = {"mlgate.method": "coop", "mlgate.study": "s"}
+    _log("t0", {"gate/drift": [0.0, 0.001], "gate/mean": [0.5, 0.5], "acc/hm": [61.0]},
+         tags={**study, "mlgate.trial": "0", "mlgate.baseline": "reference"})
+    _log("t1", {"acc/hm": [60.0]}, tags={**study, "mlgate.trial": "1", "mlgate.baseline": "no_gates"})
+    for i, hm in enumerate([70.0, 74.0, 66.0], start=2):
+        moved = [0.5, 0.8] if i < 4 else [0.5, 0.5]
+        _log(f"t{i}", {"gate/drift": [0.0, abs(moved[1] - 0.5)], "gate/mean": moved, "acc/hm": [hm]},
+             tags={**study, "mlgate.trial": str(i)})
+    _log("elsewhere", {"acc/hm": [90.0]}, tags={"mlgate.method": "coop"})  # static, but not a baseline
+    [gating] = _json(capsys)["headline"]
+    assert (gating["n_runs"], gating["n_adapted"]) == (3, 2)  # the baselines are reference points, not runs
+    assert gating["gain_vs_baseline"] == pytest.approx(70.0 - 60.0)  # against the ungated baseline
+    assert gating["baselines"] == {"reference": {"verdict": "collapsed", "acc_hm": 61.0},
+                                   "no_gates": {"verdict": "static", "acc_hm": 60.0}}
+    assert compare(["--experiment", "outside", "--no-log", "--format", "markdown"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| gating"))
+    assert "| 2/3, 67% |" in row and "reference collapsed (HM 61); no_gates static (HM 60)" in row
 
 
 def test_thresholds_filters_and_ranking(outside_runs, capsys):
@@ -116,10 +139,14 @@ def test_every_format(outside_runs, capsys, workdir):
     assert rows[0]["acc_hm"] == "76.0"
     markdown = (out / "report.md").read_text()
     assert "| collapsed-run | coop_gated | COMPLETE | collapsed | 3 |" in markdown
-    assert json.loads((out / "report.json").read_text())["experiment"] == "outside"
+    report = json.loads((out / "report.json").read_text())
+    assert report["experiment"] == "outside"
+    experiment_id = MlflowClient(outside_runs).get_experiment_by_name("outside").experiment_id
+    assert report["ui"] == f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning"
     page = (out / "report.html").read_text()
     assert page.count("<img") >= 4  # gap curves, gate trajectories, active tokens, acc vs T_target, acc vs params
-    assert "collapsed-run" in page and "http" not in page.split("<body>")[1]  # self-contained
+    assert "collapsed-run" in page and "src='http" not in page and "<script" not in page  # self-contained
+    assert "?workflowType=machine_learning'>MLflow UI, training view</a>" in page
     for fmt in ("markdown", "csv", "json", "html"):
         assert compare(["--experiment", "outside", "--format", fmt, "--no-log"]) == 0
         assert capsys.readouterr().out.strip() == (out / {"markdown": "report.md", "csv": "runs.csv",

@@ -15,6 +15,7 @@ from mlgate.config.methods import GateConfig
 from mlgate.methods.gates import init_gate_logits
 from mlgate.methods.coop import CoOpConfig
 from mlgate.config.spec import TrainSpec
+from mlgate.errors import SpecError
 from mlgate.training.step import build_optimizer, check_optimizer_covers
 
 CLASSES = ["zero", "one", "two", "three", "four", "five"]
@@ -69,7 +70,7 @@ def test_ctx_init_uses_the_phrase_embeddings(clip):
     method = build_method(CoOpConfig(n_ctx=4, ctx_init="a photo of a"), clip, CLASSES)
     tokens = clip.tokenize(["a photo of a"])
     torch.testing.assert_close(method.ctx.data, clip.embed_tokens(tokens)[0, 1:5])
-    with pytest.raises(ValueError, match="has 2 tokens but n_ctx is 4"):
+    with pytest.raises(SpecError, match="has 2 tokens but n_ctx is 4"):
         build_method(CoOpConfig(n_ctx=4, ctx_init="a photo"), clip, CLASSES)
 
 

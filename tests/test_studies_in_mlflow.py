@@ -26,10 +26,17 @@ def runs_of(experiment: str, uri: str | None = None):
     return client, study, trials
 
 
-def test_two_trial_study_lands_in_mlflow(workdir, write_spec):
+def test_two_trial_study_lands_in_mlflow(workdir, write_spec, capsys):
     path = write_spec()
     assert main(["run", str(path)]) == 0
     client, [study], trials = runs_of("tiny")
+    # A training experiment, opened by the printed link in the UI's training view.
+    experiment = client.get_experiment(study.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    out = capsys.readouterr().out
+    assert (f"MLflow UI, training view: http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
+            "?workflowType=machine_learning\n") in out
+    assert f"mlflow ui --backend-store-uri sqlite:///{workdir}/mlflow.db" in out
 
     assert study.info.run_name == "tiny" and study.info.status == "FINISHED"
     assert study.data.tags["mlgate.study"] == "tiny"
@@ -38,7 +45,10 @@ def test_two_trial_study_lands_in_mlflow(workdir, write_spec):
     plots = {a.path for a in client.list_artifacts(study.info.run_id, "optuna")}
     assert "optuna/optimization_history.png" in plots
 
-    assert [t.info.run_name for t in trials] == ["tiny-t0000", "tiny-t0001"]
+    # The runs table answers "did it adapt?": each trial's verdict leads its name and colours it when it ends.
+    assert [t.info.run_name for t in trials] == [f"{t.data.tags['mlgate.verdict']} · tiny-t000{i}"
+                                                 for i, t in enumerate(trials)]
+    assert {t.data.tags["mlflow.runColor"] for t in trials} <= {"#d62728", "#2ca02c"}
     sampled = set()
     for trial in trials:
         tags, params = trial.data.tags, trial.data.params
@@ -57,6 +67,9 @@ def test_two_trial_study_lands_in_mlflow(workdir, write_spec):
         assert [m.step for m in client.get_metric_history(trial.info.run_id, "acc/val")] == [3, 6]
         for strategy in ("fixed", "random", "per_layer", "per_token"):  # Table II, gates swapped at the end
             assert [m.step for m in client.get_metric_history(trial.info.run_id, f"acc/gates/{strategy}")] == [6]
+        [data] = trial.inputs.dataset_inputs  # the runs table's Dataset column
+        assert (data.dataset.name, data.dataset.source_type) == ("shapes", "code")
+        assert data.tags[0].key == "mlflow.data.context" and data.tags[0].value == "train"
         gates = {a.path for a in client.list_artifacts(trial.info.run_id, "gates")}
         assert {"gates/trajectory.npy", "gates/trajectory.png"} <= gates
     assert len(sampled) == 2
@@ -87,6 +100,63 @@ def test_resume_continues_to_the_full_count(workdir, write_spec):
     assert [t.data.tags["mlgate.trial"] for t in trials] == ["0", "1"]
     assert main(["run", str(path)]) == 0  # already complete: nothing more
     assert len(runs_of("tiny")[2]) == 2
+
+
+def test_baselines_run_first_once_each_and_are_named(workdir, write_spec):
+    path = write_spec(study={"n_trials": 3}, baselines={
+        "reference": {"train": {"optimizer": {"lr": 0.002}}},
+        "no_gates": {"method": {"gate": {"enabled": False}}, "train": {"optimizer": {"lr": 0.002}}}})
+    assert main(["run", str(path), "--trials", "1"]) == 0
+    assert main(["run", str(path)]) == 0  # resumed: the second baseline, then a searched trial
+    _, [study], trials = runs_of("tiny")
+    first, second, searched = trials
+    names = sorted(t.data.tags.get("mlgate.baseline") for t in (first, second))
+    assert names == ["no_gates", "reference"] and "mlgate.baseline" not in searched.data.tags
+    no_gates = next(t for t in trials if t.data.tags.get("mlgate.baseline") == "no_gates")
+    assert no_gates.info.run_name == f"static · baseline no_gates · tiny-t000{no_gates.data.tags['mlgate.trial']}"
+    assert no_gates.data.params["method.gate.enabled"] == "False" and no_gates.data.params["baseline"] == "no_gates"
+    assert no_gates.data.params["train.optimizer.lr"] == "0.002" and no_gates.data.params["train.gate_lr_mult"] == "1.0"
+    assert searched.data.params["train.optimizer.lr"] == "0.01" and searched.data.params["baseline"] == "null"
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(workdir / "mlflow.optuna.journal")))
+    ostudy = optuna.load_study(study_name="tiny", storage=storage)
+    assert [t.user_attrs.get("mlgate.baseline") for t in ostudy.trials][2:] == [None]  # queued once, not again
+    import json
+
+    summary = json.load(open(MlflowClient(f"sqlite:///{workdir}/mlflow.db").download_artifacts(
+        study.info.run_id, "summary.json")))
+    assert summary["baselines"]["no_gates"]["verdict"] == "static"
+    assert "Baselines: [no_gates](#/experiments/" in study.data.tags["mlflow.note.content"]
+
+
+def test_a_baseline_runs_to_its_end_whatever_the_pruner(workdir, write_spec):
+    path = write_spec(study={"pruner": {"type": "threshold", "lower": 101.0}},  # no accuracy passes
+                      baselines={"slow": {"train": {"optimizer": {"lr": 0.002}}}})
+    assert main(["run", str(path)]) == 0
+    _, _, (baseline, searched) = runs_of("tiny")
+    assert baseline.data.tags["mlgate.baseline"] == "slow" and baseline.data.tags["mlgate.state"] == "COMPLETE"
+    assert searched.data.tags["mlgate.state"] == "PRUNED"
+
+
+def test_the_pruner_compares_a_trial_with_the_searched_trials_only():
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from mlgate.sweep.search import WithoutBaselines
+
+    def study_with(pruner):
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        x = {"x": FloatDistribution(0, 1)}
+        study.add_trial(create_trial(params={"x": 0.1}, distributions=x, value=0.1, intermediate_values={1: 0.1},
+                                     user_attrs={"mlgate.baseline": "reference"}))
+        study.add_trial(create_trial(params={"x": 0.9}, distributions=x, value=0.9, intermediate_values={1: 0.9}))
+        trial = study.ask()
+        trial.report(0.5, 1)
+        return trial.should_prune()
+
+    median = dict(n_startup_trials=1, n_warmup_steps=0)
+    assert not study_with(optuna.pruners.MedianPruner(**median))  # the baseline drags the median to 0.5
+    assert study_with(WithoutBaselines(optuna.pruners.MedianPruner(**median)))  # the searched trials' is 0.9
 
 
 def test_pruned_trials_are_killed_runs_and_count(workdir, write_spec):

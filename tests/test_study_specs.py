@@ -173,3 +173,52 @@ def test_paper_studies_are_listed_by_their_path(capsys):
     assert spec.backbone.name == "ViT-B-16-quickgelu" and spec.backbone.pretrained == "openai"
     grid = spec.grid()
     assert set(grid["data.seed"]) == {1, 2, 3} and spec.study.n_trials == math.prod(len(v) for v in grid.values())
+
+
+BASELINES = {
+    "reference": {"train": {"optimizer": {"lr": 0.002}}},
+    "no_gates": {"method": {"gate": {"enabled": False}}, "train": {"optimizer": {"lr": 0.002}}},
+}
+
+
+def test_baselines_are_fixed_trials_held_inside_the_search_space(write_spec):
+    spec = load_spec(write_spec(baselines=BASELINES))
+    assert set(spec.baselines) == {"reference", "no_gates"}
+    assert spec.baseline_values("no_gates") == {"train.gate_lr_mult": 1.0}
+    config = spec.with_values({"baseline": "no_gates", "train.gate_lr_mult": 1.0})
+    assert config.method.gate.enabled is False and config.train.optimizer.lr == 0.002
+    assert config.baseline == "no_gates" and config.flat_params()["baseline"] == "no_gates"
+    assert not config.baselines and not any(k.startswith("baselines") for k in spec.flat_params())
+
+
+@pytest.mark.parametrize("baselines, message", [
+    ({"fast": {"train": {"gate_lr_mult": 500.0}}}, "baselines.fast: train.gate_lr_mult is 500.0, outside"),
+    ({"bad": {"train": {"steps": 0}}}, "baselines.bad: would make an invalid trial config (train.steps"),
+    ({"odd": {"study": {"n_trials": 3}}}, "baselines.odd: study: a baseline sets method, backbone, data"),
+], ids=["outside the search", "invalid config", "not a trial setting"])
+def test_baseline_problems_are_named(write_spec, baselines, message):
+    with pytest.raises(SpecError) as err:
+        load_spec(write_spec(baselines=baselines))
+    assert message in str(err.value)
+
+
+def test_a_baseline_of_a_study_with_variants_names_its_variant(workdir):
+    with pytest.raises(SpecError, match="baselines.plain: name one of the variants"):
+        load_spec(_variants_spec(workdir, {**VARIANTS, "baselines": {"plain": {"train": {"batch_size": 4}}}}))
+    spec = load_spec(_variants_spec(workdir, {**VARIANTS, "baselines": {
+        "maple_no_depth": {"variant": "MaPLe", "method": {"depth": 1}}}}))
+    assert spec.baseline_values("maple_no_depth") == {"variant": "MaPLe", "data.seed": 1}
+    config = spec.with_values({"baseline": "maple_no_depth", **spec.baseline_values("maple_no_depth")})
+    assert (config.method.name, config.method.depth, config.train.optimizer.lr) == ("maple", 1, 0.0035)
+
+
+def test_gradient_balancing_has_the_reference_recipe_as_its_baselines():
+    spec = load_spec("gradient_balancing")
+    reference, no_gates = (spec.with_values({"baseline": name}) for name in ("reference", "no_gates"))
+    for config in (reference, no_gates):
+        train = config.train
+        recipe = (train.optimizer.name, train.optimizer.lr, train.gate_lr_mult, train.grad_clip)
+        assert recipe == ("sgd", 0.002, 1.0, None)
+        assert train.gates.temperature.end == 1.0 and train.gates.entropy_weight == 0.0
+        assert not train.gates.equilibrium.enabled and train.phases.warmup == train.phases.gate_only == 0
+    assert reference.method.gate.enabled and not no_gates.method.gate.enabled

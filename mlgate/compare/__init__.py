@@ -16,11 +16,12 @@ from typing import Sequence
 
 from mlflow.tracking import MlflowClient
 
+from mlgate import pipes
 from mlgate.compare.collect import RunSummary, collect_runs
 from mlgate.compare.render import render_csv, render_html, render_json, render_markdown, render_table
 from mlgate.compare.report import Report
 from mlgate.errors import MlgateError
-from mlgate.tracking.runs import resolve_tracking_uri
+from mlgate.tracking.runs import resolve_tracking_uri, tracking_client, ui_base, ui_link
 from mlgate.verdicts import Thresholds
 
 FORMATS = ("table", "markdown", "csv", "json", "html")
@@ -33,9 +34,12 @@ __all__ = ["Report", "RunSummary", "build_report", "main"]
 
 def build_report(experiment: str, tracking_uri: str | None = None, thresholds: Thresholds = Thresholds(),
                  study: str | None = None, states: set[str] | None = None, rank_by: str = "acc_hm") -> Report:
-    """The comparison report of one experiment (what ``main`` renders)."""
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
-    return Report(experiment, collect_runs(client, experiment, thresholds, study, states), rank_by)
+    """The comparison report of one experiment (what ``main`` renders), with its link into the MLflow UI."""
+    client = tracking_client(tracking_uri)
+    runs = collect_runs(client, experiment, thresholds, study, states)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    ui = ui_link(experiment_id, base=ui_base(resolve_tracking_uri(tracking_uri)))
+    return Report(experiment, runs, rank_by, ui)
 
 
 def _log_report(client: MlflowClient, experiment: str, folder: Path) -> str:
@@ -75,28 +79,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@pipes.quiet_when_reader_leaves
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    thresholds = Thresholds(gap_log10=args.gap, drift=args.drift, input_std=args.input_std, stillness=args.stillness)
     try:
-        report = build_report(args.experiment, args.tracking_uri, thresholds, args.study,
-                              set(args.state) if args.state else None, args.rank_by)
+        return _compare(args)
     except MlgateError as exc:
         print(f"mlgate.compare: {exc}", file=sys.stderr)
         return exc.exit_code
-    client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
+
+
+def _compare(args: argparse.Namespace) -> int:
+    thresholds = Thresholds(gap_log10=args.gap, drift=args.drift, input_std=args.input_std, stillness=args.stillness)
+    report = build_report(args.experiment, args.tracking_uri, thresholds, args.study,
+                          set(args.state) if args.state else None, args.rank_by)
+    client = tracking_client(args.tracking_uri)
     renderers = {"markdown": render_markdown, "csv": render_csv, "json": render_json,
                  "html": lambda r: render_html(r, client, thresholds.gap_log10)}
-    print(render_table(report) if args.format == "table" else renderers[args.format](report), end="")
+    # The files and the report run are written even when the reader has left early (`| head -1`).
+    read = pipes.write(render_table(report) if args.format == "table" else renderers[args.format](report))
+    code = 0 if read else pipes.READER_LEFT
     if args.output is None and args.no_log:
-        return 0
+        return code
     with tempfile.TemporaryDirectory(prefix="mlgate-compare-") as tmp:
         folder = args.output or Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        for fmt_name, filename in FILES.items():
-            (folder / filename).write_text(renderers[fmt_name](report))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for fmt_name, filename in FILES.items():
+                (folder / filename).write_text(renderers[fmt_name](report))
+        except OSError as exc:
+            raise MlgateError(f"--output {folder}: {exc.strerror or exc}.") from None
         if not args.no_log:
             with contextlib.redirect_stdout(sys.stderr):  # MLflow prints run links; stdout is the report
                 run_id = _log_report(client, args.experiment, folder)
-            print(f"report logged to run {run_id} (artifacts compare/)", file=sys.stderr)
-    return 0
+            pipes.write(f"report logged to run {run_id} (artifacts compare/)\n", sys.stderr)
+    return code

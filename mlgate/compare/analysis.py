@@ -27,14 +27,17 @@ def _mean(values: list[float]) -> float | None:
 
 
 def gain_vs_baseline(method: str, runs: list[RunSummary]) -> dict[str, Any] | None:
-    """``method``'s gated runs against the matched ungated baseline: runs of the same studies whose
-    gates are off (static), of the same method or its ungated counterpart; their HM gain with its
+    """``method``'s gated runs against the matched ungated baseline of the same studies: the study's
+    own baselines without learned gates (its ``baselines:`` trials), else its runs of the method with
+    the gates off (static), else those of the method's ungated counterpart; their HM gain with its
     bootstrap 95% interval, ``distinguishable`` when the interval excludes 0."""
-    gated = [r for r in runs if r.method == method and r.verdict in (COLLAPSED, ADAPTIVE)]
+    gated = [r for r in runs if r.method == method and r.verdict in (COLLAPSED, ADAPTIVE) and not r.baseline]
     studies = {r.study for r in gated}
-    for candidate in (method, UNGATED.get(method)):
-        baseline = [r for r in runs if r.method == candidate and r.verdict == STATIC and r.study in studies]
-        result = gain(_hm(gated), _hm(baseline))
+    ungated = [r for r in runs if r.verdict == STATIC and r.study in studies]
+    for candidate, pick in ((method, lambda r: r.baseline and r.method == method),
+                            (method, lambda r: r.method == method),
+                            (UNGATED.get(method), lambda r: r.method == UNGATED.get(method))):
+        result = gain(_hm(gated), _hm([r for r in ungated if pick(r)]))
         if result is not None:
             return {"baseline": candidate, **result}
     return None
@@ -51,12 +54,14 @@ def group_intervals(method: str, runs: list[RunSummary]) -> dict[str, Any]:
 
 
 def sampled_study(runs: list[RunSummary]) -> tuple[str | None, list[RunSummary]]:
-    """The study whose runs sampled settings (the one with most such runs), and those runs."""
-    by_study = Counter(r.study for r in runs if r.sampled)
+    """The study whose runs sampled settings (the one with most such runs), and those runs; a study's
+    baselines are fixed points, not samples."""
+    sampled = [r for r in runs if r.sampled and not r.baseline]
+    by_study = Counter(r.study for r in sampled)
     if not by_study:
         return None, []
     study = by_study.most_common(1)[0][0]
-    return study, [r for r in runs if r.sampled and r.study == study]
+    return study, [r for r in sampled if r.study == study]
 
 
 def importances(runs: list[RunSummary]) -> dict[str, dict[str, float]]:

@@ -51,6 +51,7 @@ class RunSummary:
     t_target: float | None = None
     compression: float | None = None
     depth_lengths: list[float] = field(default_factory=list)
+    baseline: str | None = None
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict, repr=False)
     params: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -114,6 +115,7 @@ def summarize_run(client: MlflowClient, run: Run, thresholds: Thresholds) -> Run
         t_target=t_target,
         compression=(1.0 - active[-1] / active[0]) if len(active) > 1 and active[0] else None,
         depth_lengths=[latest[k] for k in depth_keys],
+        baseline=tags.get("mlgate.baseline"),
         history=history,
         params=dict(params),
     )

@@ -30,13 +30,17 @@ REPRESENTATION_COLUMNS = [("method", "method"), ("runs", "n_runs"), ("alignment"
 STRATEGY_COLUMNS = [("method", "method"), ("runs", "n_runs"), ("fixed (all on)", "fixed"), ("random", "random"),
                     ("per layer", "per_layer"), ("per token (learned)", "per_token")]
 HEADLINE_COLUMNS = [
-    ("kind", "kind"), ("method", "method"), ("runs", "n_runs"), ("adapted / pruned", "adapted"),
+    ("kind", "kind"), ("method", "method"), ("runs", "n_runs"),
+    ("adapted / pruned", lambda row: f"{row['n_adapted']}/{row['n_runs']}, {100 * row['adapted']:.0f}%"),
     ("params", "trainable_params"), ("HM", "acc_hm"), ("gain vs baseline", "gain_vs_baseline"),
     ("compression", "compression"),
+    ("baselines", lambda row: "; ".join(f"{name} {b['verdict']} (HM {fmt(b['acc_hm'])})"
+                                        for name, b in row["baselines"].items()) or None),
 ]
 CONTRACT_RUN_KEYS = [
     "run_id", "run_name", "study", "trial", "method", "state", "verdict", "grad_gap_log10", "gate_drift",
     "gate_batch_std", "gate_input_std", "effective_length", "active_tokens", "acc_base", "acc_novel", "acc_hm", "trainable_params",
+    "baseline",
 ]
 
 
@@ -55,9 +59,10 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def _rows(items: list[Any], columns: list[tuple[str, str]]) -> list[list[str]]:
+def _rows(items: list[Any], columns: list[tuple[str, Any]]) -> list[list[str]]:
+    # A column is a key of the item, or a function of it (a cell made of several values).
     get: Callable[[Any, str], Any] = (lambda o, k: o[k]) if items and isinstance(items[0], dict) else getattr
-    return [[fmt(get(item, key)) for _, key in columns] for item in items]
+    return [[fmt(key(item) if callable(key) else get(item, key)) for _, key in columns] for item in items]
 
 
 def gain_text(gain: dict[str, Any] | None) -> str | None:
@@ -78,7 +83,7 @@ def _importance_rows(importance: dict[str, dict[str, float]]) -> list[dict[str, 
             for k in settings]
 
 
-def _sections(report: Report) -> list[tuple[str, list[tuple[str, str]], list[list[str]]]]:
+def _sections(report: Report) -> list[tuple[str, list[tuple[str, Any]], list[list[str]]]]:
     data = report.to_json()
     groups = [{**g, "gain_text": gain_text(g.get("gain_vs_baseline"))} for g in data["groups"]]
     sections = [
@@ -106,6 +111,8 @@ def render_table(report: Report) -> str:
     buffer = io.StringIO()
     console = Console(file=buffer, width=160, force_terminal=False, color_system=None)
     console.print(f"mlgate.compare — experiment [b]{report.experiment}[/b]: {len(report.runs)} runs")
+    if report.ui:
+        console.print(f"MLflow UI, training view: {report.ui}", highlight=False, soft_wrap=True)
     for title, columns, rows in _sections(report):
         table = Table(title=title, title_justify="left")
         for name, _ in columns:
@@ -120,6 +127,8 @@ def render_table(report: Report) -> str:
 
 def render_markdown(report: Report) -> str:
     out = [f"# mlgate.compare — experiment `{report.experiment}`", ""]
+    if report.ui:
+        out += [f"In the [MLflow UI, training view]({report.ui}).", ""]
     for title, columns, rows in _sections(report):
         out += [f"## {title}", "", "| " + " | ".join(n for n, _ in columns) + " |",
                 "|" + "---|" * len(columns)]
@@ -301,7 +310,8 @@ def render_html(report: Report, client: MlflowClient | None = None, gap_threshol
         "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
         "figure{display:inline-block;margin:0.5em}</style></head><body>",
         f"<h1>mlgate.compare — experiment <code>{html.escape(report.experiment)}</code></h1>",
-        f"<p>{len(report.runs)} runs.</p>",
+        f"<p>{len(report.runs)} runs" + (f", in the <a href='{html.escape(report.ui)}'>MLflow UI, training view</a>"
+                                           if report.ui else "") + ".</p>",
     ]
     for title, columns, rows in _sections(report):
         parts.append(f"<h2>{html.escape(title)}</h2><table><tr>"

@@ -40,31 +40,39 @@ def group_stats(method: str, runs: list[RunSummary]) -> dict[str, Any]:
 
 
 def headline(runs: list[RunSummary]) -> list[dict[str, Any]]:
-    """Gating methods (did the gates adapt, what they cost, what they gained over the matched
-    ungated baseline) side by side with pruning methods (what compression, at what accuracy)."""
+    """Gating methods (did the gates adapt, what they cost, what they gained over the matched ungated
+    baseline, and how the baselines themselves came out) side by side with pruning methods (what
+    compression, at what accuracy). A study's baselines are the reference points, not counted among
+    the runs they are compared with."""
     rows = []
     for method in sorted({r.method for r in runs}):
         mine = [r for r in runs if r.method == method]
-        gated = [r for r in mine if r.verdict in (COLLAPSED, ADAPTIVE)]
-        pruning = [r for r in mine if r.active_tokens is not None]
+        gated = [r for r in mine if r.verdict in (COLLAPSED, ADAPTIVE) and not r.baseline]
+        pruning = [r for r in mine if r.active_tokens is not None and not r.baseline]
+        baselines = {r.baseline: {"verdict": r.verdict, "acc_hm": r.acc_hm}
+                     for r in sorted(mine, key=lambda r: (r.trial is None, r.trial)) if r.baseline}
         if gated:
             matched = analysis.gain_vs_baseline(method, runs)
+            n_adapted = sum(r.verdict == ADAPTIVE for r in gated)
             rows.append({
                 "kind": "gating", "method": method, "n_runs": len(gated),
-                "adapted": sum(r.verdict == ADAPTIVE for r in gated) / len(gated),
+                "n_adapted": n_adapted, "adapted": n_adapted / len(gated),
                 "trainable_params": _mean([r.trainable_params for r in gated if r.trainable_params is not None]),
                 "acc_hm": _mean([r.acc_hm for r in gated if r.acc_hm is not None]),
                 "gain_vs_baseline": None if matched is None else matched["mean"],
                 "compression": None,
+                "baselines": baselines,
             })
         if pruning:
+            n_pruned = sum(r.verdict == PRUNED for r in pruning)
             rows.append({
                 "kind": "pruning", "method": method, "n_runs": len(pruning),
-                "adapted": sum(r.verdict == PRUNED for r in pruning) / len(pruning),
+                "n_adapted": n_pruned, "adapted": n_pruned / len(pruning),
                 "trainable_params": _mean([r.trainable_params for r in pruning if r.trainable_params is not None]),
                 "acc_hm": _mean([r.acc_hm for r in pruning if r.acc_hm is not None]),
                 "gain_vs_baseline": None,
                 "compression": _mean([r.compression for r in pruning if r.compression is not None]),
+                "baselines": baselines,
             })
     return rows
 
@@ -74,6 +82,7 @@ class Report:
     experiment: str
     runs: list[RunSummary]
     rank_by: str = "acc_hm"
+    ui: str | None = None  # the experiment in the MLflow UI's training view
 
     def ranked(self) -> list[RunSummary]:
         """Runs by ``rank_by`` (descending; runs without the value last)."""
@@ -90,13 +99,14 @@ class Report:
         return analysis.importances(self.runs)
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON report: ``{"experiment", "runs", "groups", "importance", ...}`` (docs/compare.md)."""
+        """The JSON report: ``{"experiment", "ui", "runs", "groups", "importance", ...}`` (docs/compare.md)."""
         return self._json
 
     @functools.cached_property
     def _json(self) -> dict[str, Any]:
         return {
             "experiment": self.experiment,
+            "ui": self.ui,
             "runs": [r.as_json() for r in self.ranked()],
             "groups": self.groups(),
             "importance": self.importance,

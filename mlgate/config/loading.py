@@ -49,7 +49,7 @@ def validate_data(data: dict[str, Any], source: str) -> StudySpec:
         spec = StudySpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(f"{source}: invalid study spec.", readable_problems(exc)) from None
-    problems = _check_search_values(spec)
+    problems = _check_search_values(spec) + _check_baselines(spec)
     problems = problems or schedule_problems(spec)
     if problems:
         raise SpecError(f"{source}: invalid study spec.", problems)
@@ -70,6 +70,22 @@ def _check_search_values(spec: StudySpec) -> list[str]:
     return problems
 
 
+def _check_baselines(spec: StudySpec) -> list[str]:
+    # A baseline must give a valid trial config that holds every searched setting inside the search space.
+    problems = []
+    for name in spec.baselines:
+        try:
+            values = spec.baseline_values(name)
+        except ValidationError as exc:
+            detail = "; ".join(readable_problems(exc))
+            problems.append(f"baselines.{name}: would make an invalid trial config ({detail})")
+            continue
+        problems += [f"baselines.{name}: {key} is {value!r}, outside search.{key}; a baseline holds each searched "
+                     "setting at a value the search can take" for key, value in values.items()
+                     if key != "variant" and not spec.search[key].contains(value)]
+    return problems
+
+
 # Settings that ADAPT's pruning schedule depends on (a variant may set any of them).
 _SCHEDULE_KEYS = ("variant", "method.", "backbone.name", "data.name", "data.shots", "data.subsample",
                   "train.steps", "train.epochs", "train.batch_size")
@@ -87,15 +103,15 @@ def schedule_configs(spec: StudySpec) -> list[tuple[dict[str, Any], StudySpec]]:
     """The trial configs a search can produce, as ADAPT's pruning schedule tells them apart: every
     combination of the searched choices and of both ends of searched ranges (whether a schedule
     finishes is monotone in each number it depends on), as (values, config); the spec itself when
-    nothing it depends on is searched."""
+    nothing it depends on is searched; and each baseline's."""
     keys = [k for k in spec.search if k == "variant" or k.startswith(_SCHEDULE_KEYS)]
+    probes = [dict(zip(keys, combo)) for combo in itertools.product(*(_probe_values(spec.search[k]) for k in keys))]
     configs = []
-    for combo in itertools.product(*(_probe_values(spec.search[k]) for k in keys)):
-        values = dict(zip(keys, combo))
+    for values in probes + [{"baseline": name} for name in spec.baselines]:
         try:
             configs.append((values, spec.with_values(values) if values else spec))
         except ValidationError:
-            continue  # (_check_search_values reports it)
+            continue  # (_check_search_values and _check_baselines report it)
     return configs
 
 

@@ -34,6 +34,12 @@ class FloatDistribution(StrictModel):
             raise ValueError(f"step must be > 0 (got {self.step})")
         return self
 
+    def contains(self, value: Any) -> bool:
+        """Whether a trial may hold this setting at ``value`` (a baseline's fixed value)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return False
+        return self.step is None or abs((value - self.low) / self.step - round((value - self.low) / self.step)) < 1e-9
+
 
 class IntDistribution(StrictModel):
     type: Literal["int"]
@@ -52,10 +58,19 @@ class IntDistribution(StrictModel):
             raise ValueError("a log-scale int needs low >= 1 and step 1 (Optuna: log xor step)")
         return self
 
+    def contains(self, value: Any) -> bool:
+        """Whether a trial may hold this setting at ``value`` (a baseline's fixed value)."""
+        return (isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
+                and (value - self.low) % self.step == 0)
+
 
 class CategoricalDistribution(StrictModel):
     type: Literal["categorical"]
     choices: list[None | bool | int | float | str] = Field(min_length=1)
+
+    def contains(self, value: Any) -> bool:
+        """Whether a trial may hold this setting at ``value`` (a baseline's fixed value)."""
+        return value in self.choices
 
 
 Distribution = Annotated[

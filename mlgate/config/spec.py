@@ -168,7 +168,7 @@ class TrainSpec(StrictModel):
         50, description="Evaluate (and report to Optuna) every this many steps, or in epochs: 'epoch', '10 epochs'.")
     seed: int | None = Field(
         None, description="Seed of initialization and batch order (null: data.seed, as CoOp's --seed sets both).")
-    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N.")
+    device: str = Field("auto", description="auto (CUDA when available), cpu, mps, cuda, cuda:N.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
     compile: bool | Literal["default", "reduce-overhead"] = Field(
@@ -179,6 +179,13 @@ class TrainSpec(StrictModel):
         "true is torch.compile's default mode; 'reduce-overhead' also replays the compiled forward and "
         "backward as CUDA graphs (on CUDA; the same as true on the CPU), for steps whose time goes to "
         "launching kernels rather than running them (small prompts on a fast GPU; docs/performance.md).")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError("one of auto, cpu, mps, cuda, cuda:N")
+        return value
 
     @field_validator("eval_interval")
     @classmethod
@@ -264,12 +271,19 @@ class StudySpec(StrictModel):
         default_factory=dict, description="Named sets of settings, written over the spec like its sections "
         "(a table's rows: each method with its own recipe); `search.variant` picks one per trial.")
     variant: str | None = Field(None, description="The variant a trial's config applies (set per trial).")
+    baselines: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Fixed trials that run before the search, the reference points "
+        "compare reads gains and verdicts against: name → settings written over the spec (like variants; "
+        "with variants, a baseline names its own `variant`). Each is queued once and counts towards "
+        "study.n_trials; its searched settings are held at its own values, which must lie in the search "
+        "space. Its run is tagged mlgate.baseline.")
+    baseline: str | None = Field(None, description="The baseline a trial's config applies (set per trial).")
 
     @field_validator("search")
     @classmethod
     def _search_keys(cls, search: dict[str, Any]) -> dict[str, Any]:
         for key in search:
-            if key.split(".")[0] in ("study", "search", "experiment", "logging", "variants"):
+            if key.split(".")[0] in ("study", "search", "experiment", "logging", "variants", "baselines", "baseline"):
                 raise ValueError(f"{key!r}: only method, backbone, data and train settings can be searched")
         return search
 
@@ -283,6 +297,19 @@ class StudySpec(StrictModel):
             if not isinstance(choice, CategoricalDistribution) or unknown:
                 raise ValueError(f"search.variant: a categorical over the names in variants "
                                  f"({', '.join(self.variants) or 'none defined'}); unknown: {unknown}")
+        return self
+
+    @model_validator(mode="after")
+    def _baselines_set_trial_settings(self) -> StudySpec:
+        for name, settings in self.baselines.items():
+            outside = [k for k in settings if k not in ("method", "backbone", "data", "train", "variant")]
+            if outside:
+                raise ValueError(f"baselines.{name}: {', '.join(outside)}: a baseline sets method, backbone, data "
+                                 "and train settings, and its variant")
+            variant = settings.get("variant")
+            if "variant" in self.search and variant not in self.variants:
+                raise ValueError(f"baselines.{name}: name one of the variants ({', '.join(self.variants)}) "
+                                 f"as its variant (got {variant!r})")
         return self
 
     @model_validator(mode="after")
@@ -343,20 +370,26 @@ class StudySpec(StrictModel):
 
     def flat_params(self) -> dict[str, str]:
         """The resolved config as dotted keys → canonical strings (MLflow params)."""
-        dumped = self.model_dump(mode="json", exclude={"search", "variants"})
+        dumped = self.model_dump(mode="json", exclude={"search", "variants", "baselines"})
         return {k: canonical(v) for k, v in flatten(dumped).items()}
 
     def with_values(self, values: dict[str, Any]) -> StudySpec:
-        """A trial's config: a copy with ``values`` (dotted path → value) written in, validated again;
-        ``values["variant"]`` first writes that variant's settings (the other values win over it).
-        It searches nothing itself, so its search block and variants are empty."""
+        """A trial's config: a copy with ``values`` (dotted path → value) written in, validated again.
+        ``values["variant"]`` first writes that variant's settings, ``values["baseline"]`` then that
+        baseline's (and its variant's, when it names one); the other values win over both.
+        It searches nothing itself, so its search block, variants and baselines are empty."""
         data = self.model_dump(mode="json")
-        data["search"], data["variants"] = {}, {}
-        if "variant" in values:
-            data = deep_merge(data, self.variants[values["variant"]])
-            data["variant"] = values["variant"]
+        data["search"], data["variants"], data["baselines"] = {}, {}, {}
+        baseline = dict(self.baselines[values["baseline"]]) if values.get("baseline") is not None else {}
+        variant = values.get("variant", baseline.pop("variant", None))
+        if variant is not None:
+            data = deep_merge(data, self.variants[variant])
+            data["variant"] = variant
+        if values.get("baseline") is not None:
+            data = deep_merge(data, baseline)
+            data["baseline"] = values["baseline"]
         for key, value in values.items():
-            if key != "variant":
+            if key not in ("variant", "baseline"):
                 set_dotted(data, key, value)
         if data["method"]["name"] != self.method.name:
             # Switching method (e.g. a search over method.name) keeps the settings the new one has.
@@ -367,3 +400,9 @@ class StudySpec(StrictModel):
             if fields is not None:
                 data["method"] = {k: v for k, v in data["method"].items() if k in fields}
         return StudySpec.model_validate(data)
+
+    def baseline_values(self, name: str) -> dict[str, Any]:
+        """The values of the searched settings in baseline ``name``'s config: what its trial holds them at."""
+        config = self.with_values({"baseline": name})
+        flat = flatten(config.model_dump(mode="json"))
+        return {key: config.variant if key == "variant" else flat[key] for key in self.search}

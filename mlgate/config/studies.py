@@ -6,7 +6,9 @@ from pathlib import Path
 
 from mlgate.errors import SpecError
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent.parent / "studies"
+_PACKAGE = Path(__file__).resolve().parent.parent
+# An installed wheel carries the studies inside the package; a source checkout has them at its top.
+STUDIES_DIR = _PACKAGE / "studies" if (_PACKAGE / "studies").is_dir() else _PACKAGE.parent / "studies"
 
 
 def _study_dirs() -> list[Path]:

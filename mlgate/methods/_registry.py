@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Callable
 
 from mlgate.config.methods import METHOD_CONFIGS, MethodConfig, method_config_class, method_names
+from mlgate.errors import SpecError
 
 if TYPE_CHECKING:
     from mlgate.methods.base import PromptMethod
@@ -42,8 +43,12 @@ def method_class(name: str) -> type[PromptMethod]:
 
 
 def build_method(config: MethodConfig, clip: Any, classnames: list[str]) -> PromptMethod:
-    """Instantiate the method that ``config.name`` names on a frozen prompted CLIP."""
-    return method_class(config.name)(clip, classnames, config)
+    """Instantiate the method that ``config.name`` names on a frozen prompted CLIP. Settings it cannot be
+    built with (a ctx_init longer than n_ctx, a depth beyond the backbone's layers) raise :class:`SpecError`."""
+    try:
+        return method_class(config.name)(clip, classnames, config)
+    except ValueError as exc:
+        raise SpecError(f"method: {exc}.") from None
 
 
 __all__ = ["build_method", "method_class", "method_names", "register"]

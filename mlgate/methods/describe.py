@@ -56,10 +56,7 @@ def describe(name: str, backbone: str = EMBEDDED_BACKBONE, overrides: list[str] 
     """Trainable parameters (total and by group) and inference GFLOPs of ``name`` on ``backbone``."""
     cfg = method_config(name, overrides or [])
     clip = load_backbone(backbone, None, "cpu")
-    try:
-        method = build_method(cfg, clip, [f"class {i}" for i in range(n_classes)])
-    except ValueError as exc:
-        raise SpecError(f"method: {exc}.") from None
+    method = build_method(cfg, clip, [f"class {i}" for i in range(n_classes)])
     groups = {g: sum(p.numel() for p in ps) for g, ps in method.param_groups().items()}
     method.eval().requires_grad_(False)  # counted above; inference needs no autograd
     per_image, once = inference_gflops(method, clip, n_classes)

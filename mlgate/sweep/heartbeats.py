@@ -10,7 +10,7 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
-from mlgate.tracking.runs import StudyTracker
+from mlgate.tracking.runs import BASELINE, StudyTracker
 
 HEARTBEAT_ATTR = "mlgate.heartbeat"
 
@@ -59,5 +59,7 @@ def fail_stale_trials(study: optuna.Study, tracker: StudyTracker, grace: float, 
             tracker.fail_run(run_id, reason)
         retries = t.user_attrs.get("mlgate.retries", 0)
         if retries < max_retries:
-            study.enqueue_trial(t.params, user_attrs={"mlgate.retries": retries + 1, "mlgate.retry_of": t.number})
+            keep = {k: v for k, v in t.user_attrs.items() if k == BASELINE}  # a baseline stays one
+            study.enqueue_trial(t.params, user_attrs={**keep, "mlgate.retries": retries + 1,
+                                                      "mlgate.retry_of": t.number})
         echo(f"trial {t.number}: FAIL  {reason}" + ("; retrying" if retries < max_retries else ""))

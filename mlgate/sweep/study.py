@@ -24,7 +24,7 @@ from mlgate.sweep.heartbeats import Heartbeat, fail_stale_trials
 from mlgate.sweep.search import make_pruner, make_sampler, suggest
 from mlgate.sweep.storage import make_storage
 from mlgate.sweep.summary import SURPLUS_ATTR, save_plots, summarize
-from mlgate.tracking.runs import StudyTracker, redact, resolve_tracking_uri
+from mlgate.tracking.runs import BASELINE, StudyTracker, redact, resolve_tracking_uri
 from mlgate.training import EVAL_METRICS, preflight, train
 from mlgate.verdicts import COLLAPSED, Thresholds
 
@@ -59,13 +59,21 @@ class Objective:
         if trial.number not in running[: max(slots, 0)]:
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise SurplusTrial(f"trial {trial.number}: the study's {self.spec.study.n_trials} slots are taken")
+        # Two workers that opened the study at the same moment may both have queued a baseline: one runs.
+        baseline = trial.user_attrs.get(BASELINE)
+        if baseline is not None and any(t.number < trial.number and t.user_attrs.get(BASELINE) == baseline
+                                        and t.state != TrialState.FAIL for t in trials):
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise SurplusTrial(f"trial {trial.number}: baseline {baseline} runs as an earlier trial")
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.last_number = trial.number
         self._check_slot(trial)
-        sampled = suggest(trial, self.spec)
-        trial_spec = self.spec.with_values(sampled)
-        run = self.tracker.start_trial(trial.number, trial_spec.method.name, trial_spec.flat_params(), sampled)
+        sampled = suggest(trial, self.spec)  # a baseline's trial was queued with its values fixed
+        baseline = trial.user_attrs.get(BASELINE)
+        trial_spec = self.spec.with_values({**sampled, "baseline": baseline} if baseline else sampled)
+        run = self.tracker.start_trial(trial.number, trial_spec.method.name, trial_spec.flat_params(), sampled,
+                                       baseline, trial_spec.data)
         trial.set_user_attr("mlflow_run_id", run.run_id)
         objective = self.spec.study.objective
         collapse = self.spec.study.collapse_pruning
@@ -75,6 +83,8 @@ class Objective:
 
         def report(step: int, metrics: dict[str, float]) -> None:
             trial.report(metrics[objective], step)
+            if baseline:  # a reference point runs to its end
+                return
             if trial.should_prune():
                 raise optuna.TrialPruned(f"{objective}={metrics[objective]:.4g} at step {step}")
             # Early warning (the paper's template): gates already collapsed → stop spending on them.
@@ -82,6 +92,7 @@ class Objective:
                 run.set_tag("mlgate.pruned_by", "collapse")
                 raise optuna.TrialPruned(f"gates collapsed by step {step}")
 
+        label = f"trial {trial.number}" + (f" (baseline {baseline})" if baseline else "")
         self.progress.trial(trial.number, trial_spec.train.steps)
         sink = ProgressSink(run, self.progress, trial.number, objective, verdict)
         try:
@@ -91,16 +102,16 @@ class Objective:
         except optuna.TrialPruned:
             run.end("PRUNED", verdict())
             trial.set_user_attr("verdict", verdict())
-            self.echo(f"trial {trial.number}: PRUNED  ({verdict()})")
+            self.echo(f"{label}: PRUNED  ({verdict()})")
             raise
         except BaseException as exc:  # noqa: BLE001 - the run must be closed whatever happened
             run.end("FAIL", verdict(), error=exc)
-            self.echo(f"trial {trial.number}: FAIL  {type(exc).__name__}: {exc}")
+            self.echo(f"{label}: FAIL  {type(exc).__name__}: {exc}")
             raise
         run.end("COMPLETE", outcome.verdict)
         trial.set_user_attr("verdict", outcome.verdict)
         value = outcome.objective(objective)
-        self.echo(f"trial {trial.number}: COMPLETE  {objective}={value:.4g}  verdict={outcome.verdict}")
+        self.echo(f"{label}: COMPLETE  {objective}={value:.4g}  verdict={outcome.verdict}")
         return value
 
 
@@ -133,11 +144,21 @@ def open_study(spec: StudySpec, tracking_uri: str | None, storage: str | None) -
         study_name=spec.name, storage=make_storage(storage, tracking_uri), sampler=make_sampler(spec),
         pruner=make_pruner(spec), direction=spec.study.direction, load_if_exists=True,
     )
+    enqueue_baselines(study, spec)
     tracker = StudyTracker(tracking_uri, spec.experiment_name, spec.name)
     run_id = tracker.open_study_run(study.user_attrs.get(STUDY_RUN_ATTR), spec.to_yaml(), spec.flat_params())
     if study.user_attrs.get(STUDY_RUN_ATTR) != run_id:
         study.set_user_attr(STUDY_RUN_ATTR, run_id)
     return study, tracker
+
+
+def enqueue_baselines(study: optuna.Study, spec: StudySpec) -> None:
+    """Queue each of the spec's baselines once, ahead of the searched trials; a resumed study, or another
+    worker, finds them queued (or run) already."""
+    queued = {t.user_attrs.get(BASELINE) for t in study.get_trials(deepcopy=False)}
+    for name in spec.baselines:
+        if name not in queued:
+            study.enqueue_trial(spec.baseline_values(name), user_attrs={BASELINE: name})
 
 
 def run_trials(study: optuna.Study, tracker: StudyTracker, spec: StudySpec, progress: Progress) -> None:
@@ -173,7 +194,7 @@ def run_trials(study: optuna.Study, tracker: StudyTracker, spec: StudySpec, prog
 
 def close_study(study: optuna.Study, tracker: StudyTracker, spec: StudySpec, status: str) -> dict[str, Any]:
     """Log the summary, the plots and the status on the study run."""
-    summary = summarize(study, spec)
+    summary = {**summarize(study, spec), "experiment_id": tracker.experiment_id}
     with tempfile.TemporaryDirectory(prefix="mlgate-") as tmp:
         save_plots(study, Path(tmp))
         tracker.close_study_run(summary, Path(tmp), status)

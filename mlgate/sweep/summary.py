@@ -13,12 +13,13 @@ import optuna
 from optuna.trial import TrialState
 
 from mlgate.config.spec import StudySpec
+from mlgate.tracking.runs import BASELINE
 
 SURPLUS_ATTR = "mlgate.surplus"
 
 
 def summarize(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
-    """Best trial, counts by state and verdict, parameter importances."""
+    """Best trial, counts by state and verdict, the baselines' outcomes, parameter importances."""
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS_ATTR)]
     counts = Counter(t.state.name for t in trials)
     verdicts = Counter(t.user_attrs.get("verdict") for t in trials if t.user_attrs.get("verdict"))
@@ -35,6 +36,11 @@ def summarize(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
         "counts": dict(sorted(counts.items())),
         "verdicts": dict(sorted(verdicts.items())),
         "best": best,
+        "baselines": {t.user_attrs[BASELINE]: {"trial": t.number, "state": t.state.name, "value": t.value,
+                                               "verdict": t.user_attrs.get("verdict"),
+                                               "run_id": t.user_attrs.get("mlflow_run_id")}
+                      for t in trials if t.user_attrs.get(BASELINE) and t.state in (TrialState.COMPLETE,
+                                                                                    TrialState.PRUNED)},
         "importances": importances(study),
     }
 

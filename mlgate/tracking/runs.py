@@ -6,6 +6,8 @@ same in any thread or process. Per-step metrics are sent in batches with ``log_b
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import socket
@@ -14,20 +16,58 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlgate import __version__
+from mlgate.config.datasets import DATASETS
+from mlgate.config.spec import DataSpec
+from mlgate.errors import MlgateError
 from mlgate.tracking.run_context import context_tags
 from mlgate.tracking.sender import MetricSender, is_connection_error
 from mlgate.verdicts import MetricHistory
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-ROLE, STUDY, TRIAL, METHOD, STATE, VERDICT = (
-    "mlgate.role", "mlgate.study", "mlgate.trial", "mlgate.method", "mlgate.state", "mlgate.verdict"
+ROLE, STUDY, TRIAL, METHOD, STATE, VERDICT, BASELINE = (
+    "mlgate.role", "mlgate.study", "mlgate.trial", "mlgate.method", "mlgate.state", "mlgate.verdict",
+    "mlgate.baseline",
 )
 _RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+# The MLflow UI opens an experiment in the view it remembers (GenAI's traces by default); this URL
+# parameter opens the training view instead: the runs table, trials nested under their study run.
+TRAINING_VIEW = "workflowType=machine_learning"
+EXPERIMENT_KIND = "mlflow.experimentKind"  # what other UI versions read to pick the view
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+# A trial's dot in the runs table and its line in charts, by verdict (the UI reads mlflow.runColor).
+VERDICT_COLORS = {"collapsed": "#d62728", "adaptive": "#2ca02c", "pruned": "#1f77b4", "static": "#7f7f7f"}
+
+
+def ui_link(experiment_id: str, run_id: str | None = None, base: str = "") -> str:
+    """A link to an experiment (or one of its runs) in the MLflow UI's training view; relative to the UI
+    without ``base`` (for notes read inside it)."""
+    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + f"?{TRAINING_VIEW}"
+    return f"{base.rstrip('/')}/{path}" if base else path
+
+
+def ui_base(tracking_uri: str) -> str:
+    """The UI that shows a tracking store: a tracking server's own, else where `mlflow ui` serves by default."""
+    return redact(tracking_uri).rstrip("/") if tracking_uri.startswith(("http://", "https://")) else MLFLOW_UI
+
+
+def dataset_input(data: DataSpec) -> DatasetInput:
+    """A trial's few-shot draw as the run's input (the runs table's Dataset column): the dataset's name,
+    a digest of what decides the draw, and where the images lie; no data itself."""
+    draw = {k: getattr(data, k) for k in ("name", "root", "source", "shots", "seed", "subsample")}
+    digest = hashlib.sha256(json.dumps(draw, sort_keys=True).encode()).hexdigest()[:8]
+    if DATASETS[data.name].reader == "bundled":
+        source_type, source = "code", {"tags": {"mlgate.dataset": f"{data.name}, bundled with mlgate"}}
+    else:
+        source_type, source = "local", {"uri": str(Path(data.root or ".").expanduser() / data.name)}
+    profile = {"shots": data.shots, "seed": data.seed, "subsample": data.subsample}
+    dataset = Dataset(name=data.name, digest=digest, source_type=source_type, source=json.dumps(source),
+                      profile=json.dumps(profile))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -36,6 +76,15 @@ def resolve_tracking_uri(uri: str | None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     return uri
+
+
+def tracking_client(uri: str | None) -> MlflowClient:
+    """A client of the tracking URI (resolved as :func:`resolve_tracking_uri`); one MLflow cannot use is bad input."""
+    uri = resolve_tracking_uri(uri)
+    try:
+        return MlflowClient(uri)
+    except MlflowException as exc:
+        raise MlgateError(f"--tracking-uri {redact(uri)}: {exc.message.strip()}") from None
 
 
 def redact(url: str) -> str:
@@ -52,9 +101,11 @@ class TrialRun:
     up to ``outage_s``.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, sender: MetricSender, outage_s: float = 600.0) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, sender: MetricSender, outage_s: float = 600.0,
+                 name: str | None = None) -> None:
         self.client = client
         self.run_id = run_id
+        self.name = name
         self.history = MetricHistory()
         self.outage_s = outage_s
         self._sender = sender
@@ -111,6 +162,11 @@ class TrialRun:
             self.end("FAIL", verdict, error=exc)
             raise
         tags = [RunTag(STATE, state), RunTag(VERDICT, verdict)]
+        if self.name is not None:
+            # The verdict leads the name: the runs table's narrow name column still shows it.
+            tags.append(RunTag("mlflow.runName", f"{'failed' if state == 'FAIL' else verdict} · {self.name}"))
+        if state != "FAIL" and verdict in VERDICT_COLORS:
+            tags.append(RunTag("mlflow.runColor", VERDICT_COLORS[verdict]))
         if error is not None:
             tags.append(RunTag("mlgate.error", f"{type(error).__name__}: {error}"[:500]))
             text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
@@ -125,7 +181,7 @@ class StudyTracker:
 
     def __init__(self, tracking_uri: str, experiment: str, study_name: str) -> None:
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
+        self.client = tracking_client(tracking_uri)
         self.study_name = study_name
         self.experiment_id = self._experiment(experiment)
         self.study_run_id: str | None = None
@@ -145,13 +201,16 @@ class StudyTracker:
             self._sender = None
 
     def _experiment(self, name: str) -> str:
+        # Declared a training experiment (custom model development), so the UI opens on its runs.
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             if found.lifecycle_stage == "deleted":
                 self.client.restore_experiment(found.experiment_id)
+            if EXPERIMENT_KIND not in found.tags:
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, "custom_model_development")
             return found.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, tags={EXPERIMENT_KIND: "custom_model_development"})
         except MlflowException:  # another worker created it first
             return self.client.get_experiment_by_name(name).experiment_id
 
@@ -200,26 +259,34 @@ class StudyTracker:
         self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
         return run.info.run_id
 
-    def start_trial(self, number: int, method: str, params: dict[str, str],
-                    sampled: dict[str, Any]) -> TrialRun:
-        """A child run of the study run, named ``<study>-t0007``, with the resolved config as params."""
+    def start_trial(self, number: int, method: str, params: dict[str, str], sampled: dict[str, Any],
+                    baseline: str | None = None, data: DataSpec | None = None) -> TrialRun:
+        """A child run of the study run, named ``<study>-t0007`` (``baseline NAME · <study>-t0000`` for a
+        baseline), with the resolved config as params and ``data`` as its input; its verdict leads the
+        name once it ends (``collapsed · <study>-t0007``)."""
         assert self.study_run_id is not None, "open_study_run first"
+        name = (f"baseline {baseline} · " if baseline else "") + f"{self.study_name}-t{number:04d}"
         run = self.client.create_run(
             self.experiment_id,
-            run_name=f"{self.study_name}-t{number:04d}",
+            run_name=name,
             tags={**context_tags(),
                 "mlflow.parentRunId": self.study_run_id, ROLE: "trial", STUDY: self.study_name,
                 TRIAL: str(number), METHOD: method, STATE: "RUNNING",
                 "mlgate.worker": f"{socket.gethostname()}:{os.getpid()}",
                 "mlgate.sampled": ", ".join(sorted(sampled)) or "(none)",
+                **({BASELINE: baseline} if baseline else {}),
             },
         )
         self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-        return TrialRun(self.client, run.info.run_id, self.sender)
+        if data is not None:
+            self.client.log_inputs(run.info.run_id, datasets=[dataset_input(data)])
+        return TrialRun(self.client, run.info.run_id, self.sender, name=name)
 
     def fail_run(self, run_id: str, reason: str) -> None:
         """Close a trial run whose worker died: FAILED, with the reason as tag and ``error.txt``."""
-        self.client.log_batch(run_id, tags=[RunTag(STATE, "FAIL"), RunTag("mlgate.error", reason)])
+        name = self.client.get_run(run_id).info.run_name
+        self.client.log_batch(run_id, tags=[RunTag(STATE, "FAIL"), RunTag("mlgate.error", reason),
+                                            RunTag("mlflow.runName", f"failed · {name}")])
         self.client.log_text(run_id, reason + "\n", "error.txt")
         self.client.set_terminated(run_id, status="FAILED")
 
@@ -243,21 +310,29 @@ class StudyTracker:
 
 def summary_note(summary: dict[str, Any], experiment_id: str | None = None) -> str:
     """Markdown description for the study run (MLflow shows it as the run's note)."""
+
+    def link(text: str, run_id: str | None) -> str:
+        # The note is read inside the MLflow UI: a link relative to it.
+        return f"[{text}]({ui_link(experiment_id, run_id)})" if experiment_id is not None and run_id else text
+
     lines = [f"## mlgate study `{summary['study']}`", ""]
     counts = ", ".join(f"{v} {k.lower()}" for k, v in summary.get("counts", {}).items())
     lines.append(f"Trials: {counts or 'none'}.")
-    best = summary.get("best")
-    if best:
-        run = f"`{best.get('run_id')}`"
-        if experiment_id is not None and best.get("run_id"):
-            run = f"[{summary['study']}-t{best['trial']:04d}](#/experiments/{experiment_id}/runs/{best['run_id']})"
-        lines.append(f"Best: trial {best['trial']} ({summary['objective']} = {best['value']:.4g}), run {run}, "
-                     f"params `{best['params']}`.")
     verdicts = summary.get("verdicts")
     if verdicts:
         lines.append("Verdicts: " + ", ".join(f"{v} {k}" for k, v in verdicts.items()) + ".")
+    baselines = summary.get("baselines")
+    if baselines:
+        lines.append("Baselines: " + "; ".join(
+            f"{link(name, b.get('run_id'))} (trial {b['trial']}) {b.get('verdict') or b['state'].lower()}"
+            + (f", {summary['objective']} = {b['value']:.4g}" if b.get("value") is not None else "")
+            for name, b in baselines.items()) + ".")
+    best = summary.get("best")
+    if best:
+        name = f"{summary['study']}-t{best['trial']:04d}"
+        lines.append(f"Best: trial {best['trial']} ({summary['objective']} = {best['value']:.4g}), run "
+                     f"{link(name, best.get('run_id'))}, params `{best['params']}`.")
     importances = summary.get("importances")
     if importances:
         lines.append("Parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()) + ".")
     return "\n".join(lines)
-

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from mlgate import interrupts
+from mlgate import interrupts, pipes
 
 Row = tuple[str, float, int, int]  # key, value, timestamp (ms), step
 
@@ -89,8 +89,7 @@ def _serve(uri: str, env: dict[str, str], requests: Any, replies: Any, outage_s:
                     del pending[run_id]
                     continue
                 if down_since is None:
-                    print("mlgate: MLflow tracking unreachable; buffering metrics and retrying",
-                          file=sys.stderr, flush=True)
+                    pipes.write("mlgate: MLflow tracking unreachable; buffering metrics and retrying\n", sys.stderr)
                     down_since = time.time()
                 if time.time() - down_since > outage_s:
                     for run in pending:
@@ -99,8 +98,8 @@ def _serve(uri: str, env: dict[str, str], requests: Any, replies: Any, outage_s:
                 return False
             del pending[run_id]
         if down_since is not None:
-            print(f"mlgate: MLflow tracking reachable again after {time.time() - down_since:.0f}s; "
-                  "buffered metrics sent", file=sys.stderr, flush=True)
+            pipes.write(f"mlgate: MLflow tracking reachable again after {time.time() - down_since:.0f}s; "
+                        "buffered metrics sent\n", sys.stderr)
             down_since = None
         return True
 

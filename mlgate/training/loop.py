@@ -70,15 +70,14 @@ class TrialOutcome:
 
 
 def preflight(spec: StudySpec) -> None:
-    """Build the backbone, the data and the method once on the CPU, so a spec that cannot train (missing
-    weights, a wrong dataset layout, a depth beyond the backbone's layers, a ctx_init of the wrong
-    length, an ADAPT schedule that cannot prune to its target) fails before any trial starts."""
+    """Build the backbone, the data and the method once on the CPU, so a spec that cannot train (a device
+    this machine lacks, missing weights, a wrong dataset layout, a depth beyond the backbone's layers, a
+    ctx_init of the wrong length, an ADAPT schedule that cannot prune to its target) fails before any
+    trial starts."""
+    resolve_device(spec.train.device)
     clip = load_backbone(spec.backbone.name, spec.backbone.pretrained, "cpu")
     data = load_data(spec, clip)
-    try:
-        build_method(spec.method, clip, ["a", "b"])
-    except ValueError as exc:
-        raise MlgateError(f"method: {exc}.") from None
+    build_method(spec.method, clip, ["a", "b"])
     # ADAPT's pruning, with this backbone's layers and this data's training images: exact.
     problems = schedule_problems(spec, clip.num_layers, len(data.train))
     if problems:

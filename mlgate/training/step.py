@@ -17,13 +17,22 @@ from torch import nn
 
 from mlgate.config.spec import PhasesSpec, TemperatureSpec, TrainSpec
 from mlgate.diagnostics import Diagnostics, binary_entropy
+from mlgate.errors import MlgateError
 from mlgate.methods import PromptMethod
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available), else the named device; one that is not there is bad input."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MlgateError(f"device {name!r}: not a device name; use auto, cpu, mps, cuda or cuda:N.") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise MlgateError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA devices; "
+                          "use auto or cpu.")
+    return device
 
 
 def seed_everything(seed: int) -> None:
