@@ -65,7 +65,7 @@ def _shapes_images(norm: ImageNorm) -> tuple[torch.Tensor, np.ndarray, np.ndarra
     if x.shape[-1] != norm.size:
         x = F.interpolate(x, size=(norm.size, norm.size), mode="bilinear", align_corners=False)
     images = (x - torch.tensor(norm.mean).view(1, 3, 1, 1)) / torch.tensor(norm.std).view(1, 3, 1, 1)
-    return images, labels, pool_idx, test_idx
+    return images, labels, pool_idx.copy(), test_idx.copy()
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,7 +85,7 @@ def _digits_raw() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def _digits_images(norm: ImageNorm) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
     gray, labels, pool_idx, test_idx = _digits_raw()
-    return _to_model_images(gray.copy(), norm), labels, pool_idx, test_idx
+    return _to_model_images(gray.copy(), norm), labels, pool_idx.copy(), test_idx.copy()
 
 
 def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
