@@ -206,8 +206,13 @@ def train(spec: StudySpec, sink: Sink | None = None,
         history.add([(steps, finished)])
         sink.log_metrics([(steps, finished)])
     finally:
-        # Whatever stopped the loop (the end, pruning, an error), what was measured is kept.
+        # Whatever stopped the loop (the end, pruning, an error), what was measured is kept, with the
+        # verdict's evidence from it (docs/metrics.md: verdict/*) at the last step logged.
         flush()
+        last = max((s[-1] for s in history.steps.values()), default=0)
+        summary = [(last, history.evidence().as_metrics())]
+        history.add(summary)
+        sink.log_metrics(summary)
         _log_artifacts(sink, method, gate_steps, gate_values, history, spec.logging.verdict.gap_log10)
     return TrialOutcome(final=history.final, history=history.series,
                         verdict=history.verdict(Thresholds(**spec.logging.verdict.model_dump()), spec.t_target))
