@@ -20,7 +20,7 @@ from mlgate.config.loading import schedule_problems
 from mlgate.config.spec import StudySpec
 from mlgate.data import FewShotData, Split, load_dataset
 from mlgate.data.images import ImageSet
-from mlgate.diagnostics import Diagnostics, input_spread
+from mlgate.diagnostics import Diagnostics, at_interval, input_spread
 from mlgate.errors import MlgateError
 from mlgate.methods import PromptMethod, build_method
 from mlgate.methods.describe import inference_gflops
@@ -154,7 +154,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
         if not rows:
             return
         history.add(rows)
-        sink.log_metrics(rows)
+        sink.log_metrics(at_interval(rows, spec.logging.diagnostics_every * spec.logging.detail_every, steps))
         bad = next((s for s, m in rows if not math.isfinite(m["loss/total"])), None)
         if bad is not None:
             raise FloatingPointError(f"the loss became non-finite at step {bad}")
@@ -218,12 +218,22 @@ def train(spec: StudySpec, sink: Sink | None = None,
                         verdict=history.verdict(Thresholds(**spec.logging.verdict.model_dump()), spec.t_target))
 
 
+def _write_history(out: Path, history: MetricHistory) -> None:
+    # Every value the trial measured, step by step (MLflow gets some diagnostics at a coarser interval).
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(((step, key, value) for key in history.series
+                   for step, value in zip(history.steps[key], history.series[key])), key=lambda row: row[:2])
+    lines = ["step,key,value"] + [f"{step},{key},{value!r}" for step, key, value in rows]
+    (out / "history.csv").write_text("\n".join(lines) + "\n")
+
+
 def _log_artifacts(sink: Sink, method: PromptMethod, gate_steps: list[int], gate_values: list[torch.Tensor],
                    history: MetricHistory, gap_threshold: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if gate_values:
             plots.gate_trajectory(Path(tmp) / "gates", gate_steps, list(torch.stack(gate_values).cpu().numpy()))
         plots.trial_plots(Path(tmp) / "plots", history.series, history.steps, gap_threshold)
+        _write_history(Path(tmp) / "metrics", history)
         method.save_artifacts(Path(tmp))
         if any(Path(tmp).iterdir()):
             sink.log_artifacts(Path(tmp))
