@@ -88,7 +88,7 @@ def summarize_run(run: Run, thresholds: Thresholds, history: History | None = No
         study=tags.get("mlgate.study"),
         trial=int(trial) if trial is not None and trial.isdigit() else None,
         method=tags.get("mlgate.method") or params.get("method.name") or "unknown",
-        state=tags.get("mlgate.state") or _STATE_OF_STATUS.get(run.info.status, run.info.status),
+        state=_state(run),
         verdict=judge(seen, thresholds, t_target),
         grad_gap_log10=seen.gap_median,
         gate_drift=latest.get("gate/drift"),
@@ -106,6 +106,10 @@ def summarize_run(run: Run, thresholds: Thresholds, history: History | None = No
         history=history,
         history_keys=[key for key in HISTORY_KEYS if key in latest],
     )
+
+
+def _state(run: Run) -> str:
+    return run.data.tags.get("mlgate.state") or _STATE_OF_STATUS.get(run.info.status, run.info.status)
 
 
 def needs_history(run: Run) -> list[str]:
@@ -143,12 +147,12 @@ def collect_runs(client: MlflowClient, experiment: str, thresholds: Thresholds =
     if not speaking:
         raise MlgateError(f"experiment {experiment!r}: none of its {len(candidates)} runs logs mlgate's metric "
                           "vocabulary (loss/*, grad/*, gate/*, mask/*, acc/*); nothing to compare.")
+    if study is not None:
+        speaking = [r for r in speaking if r.data.tags.get("mlgate.study") == study]
+    if states:
+        speaking = [r for r in speaking if _state(r) in states]
     histories = read_histories(client, {r.info.run_id: keys for r in speaking if (keys := needs_history(r))})
     summaries = [summarize_run(r, thresholds, histories.get(r.info.run_id)) for r in speaking]
-    if study is not None:
-        summaries = [s for s in summaries if s.study == study]
-    if states:
-        summaries = [s for s in summaries if s.state in states]
     if not summaries:
         raise MlgateError(f"experiment {experiment!r}: no runs match the --study/--state filters.")
     return summaries
