@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from mlgate.verdicts import EVIDENCE_KEYS
+
 _EPS = 1e-30  # keeps log10 finite when a gradient is exactly zero
 
 
@@ -67,6 +69,22 @@ def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 GATE_KEYS = ("grad/gate_norm", "grad/gap_log10", "grad/gate_cancellation", "gate/mean", "gate/min", "gate/max",
              "gate/drift", "gate/effective_length", "gate/entropy")
+
+
+# Sent to MLflow at every diagnostics step; every other diagnostic (the loss's parts, the gates' spread,
+# entropy and cancellation, per-depth series, method-specific metrics) at a coarser interval, since each
+# metric row costs the tracking store's Python about as much as a small model's step (docs/metrics.md).
+HEADLINE_KEYS = frozenset({"loss/total", "grad/prompt_norm", "grad/gate_norm", *EVIDENCE_KEYS})
+
+
+def at_interval(rows: list[tuple[int, dict[str, float]]], interval: int, last_step: int
+                ) -> list[tuple[int, dict[str, float]]]:
+    """``rows`` with the metrics outside :data:`HEADLINE_KEYS` kept only at multiples of ``interval``
+    and at ``last_step``."""
+    if interval <= 1:
+        return rows
+    return [(step, values if step % interval == 0 or step == last_step
+             else {k: v for k, v in values.items() if k in HEADLINE_KEYS}) for step, values in rows]
 
 
 def input_spread(values: torch.Tensor) -> torch.Tensor:

@@ -110,9 +110,11 @@ class Monitor:
         self._log([(self.step if step is None else step, metrics)])
 
     def close(self) -> str:
-        """Flush, detach the hook, tag the run with its verdict, and return the verdict."""
+        """Flush, detach the hook, log the verdict's evidence (``verdict/*``) and tag the run with its
+        verdict; returns the verdict."""
         self.flush()
         self._hook.remove()
+        self._log([(self.step, self.history.evidence().as_metrics())])
         verdict = self.history.verdict(self.thresholds)
         self.client.set_tag(self.run_id, "mlgate.verdict", verdict)
         return verdict

@@ -10,7 +10,7 @@ metric vocabulary) all go through these two functions, so they always agree.
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Mapping, Sequence
 
 COLLAPSED, ADAPTIVE, PRUNED, STATIC = "collapsed", "adaptive", "pruned", "static"
@@ -21,6 +21,8 @@ Points = Sequence[tuple[int, float]]  # (step, value), in step order
 # The metrics the verdict reads; every other key of a history is ignored.
 EVIDENCE_KEYS = ("grad/gap_log10", "gate/drift", "gate/mean", "gate/input_std", "gate/batch_std",
                  "mask/active_tokens")
+# A run's Evidence logged as metrics at its end (verdict/has_gates, verdict/gap_median, ...).
+SUMMARY_PREFIX = "verdict/"
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,19 @@ class Evidence:
 
     def as_dict(self) -> dict[str, float | bool | None]:
         return asdict(self)
+
+    def as_metrics(self) -> dict[str, float]:
+        """``verdict/<field>`` metrics: ``has_gates`` as 0 or 1, fields not measured left out. Logged at
+        the end of a run, they let the verdict be judged again under any thresholds without its histories."""
+        return {SUMMARY_PREFIX + k: float(v) for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, float]) -> Evidence | None:
+        """The Evidence a run's ``verdict/*`` metrics carry; None when it logged none."""
+        if SUMMARY_PREFIX + "has_gates" not in metrics:
+            return None
+        values = {f.name: metrics.get(SUMMARY_PREFIX + f.name) for f in fields(cls)}
+        return cls(**{**values, "has_gates": bool(values["has_gates"])})
 
 
 def second_half(points: Points) -> list[float]:

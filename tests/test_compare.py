@@ -179,8 +179,10 @@ def test_clear_errors(workdir, capsys):
     assert "vocabulary" in capsys.readouterr().err
 
 
-def test_compare_on_a_short_study(workdir, write_spec, capsys):
-    path = write_spec(study={"n_trials": 3})
+def test_compare_on_a_short_study(workdir, write_spec, capsys, monkeypatch):
+    from mlgate.verdicts import Evidence
+
+    path = write_spec(study={"n_trials": 3}, method={"gate": {"enabled": True}})
     assert mlgate_main(["run", str(path)]) == 0
     capsys.readouterr()
     assert compare(["--experiment", "tiny", "--format", "json", "--no-log"]) == 0
@@ -188,12 +190,18 @@ def test_compare_on_a_short_study(workdir, write_spec, capsys):
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert len(report["runs"]) == 3
     for run in report["runs"]:
-        tags = client.get_run(run["run_id"]).data.tags
+        data = client.get_run(run["run_id"]).data
+        tags = data.tags
         assert run["verdict"] == tags["mlgate.verdict"]  # compare agrees with the trainer
+        assert data.metrics["verdict/has_gates"] == 1.0 and "verdict/gap_median" in data.metrics
         assert run["study"] == "tiny" and run["trial"] == int(tags["mlgate.trial"]) and run["method"] == "coop"
         assert run["acc_hm"] is not None and run["trainable_params"] == 516
     [group] = report["groups"]
     assert group["n_runs"] == 3 and sum(group["verdicts"].values()) == 3
+    # The trainer's verdict/* metrics give what the histories give.
+    monkeypatch.setattr(Evidence, "from_metrics", classmethod(lambda cls, metrics: None))
+    assert compare(["--experiment", "tiny", "--format", "json", "--no-log"]) == 0
+    assert json.loads(capsys.readouterr().out) == report
 
 
 def test_compare_over_http_with_a_postgresql_backed_server(mlflow_server, capsys):
@@ -209,3 +217,80 @@ def test_compare_over_http_with_a_postgresql_backed_server(mlflow_server, capsys
     [report] = client.search_runs([client.get_experiment_by_name("remote").experiment_id],
                                   "tags.`mlgate.role` = 'report'")
     assert "compare/report.html" in {a.path for a in client.list_artifacts(report.info.run_id, "compare")}
+
+
+def _synthetic_runs(client, experiment: str, n: int, summaries: bool, steps: int = 10) -> None:
+    """``n`` runs as mlgate's trainer logs them (``summaries``: with their verdict's evidence) or as
+    another loop would (without), one log_batch each."""
+    import random
+
+    from mlflow.entities import Metric, Param
+
+    from mlgate.verdicts import evidence
+
+    rng = random.Random(n)
+    experiment_id = client.create_experiment(experiment)
+    for i in range(n):
+        series = {"grad/gap_log10": [rng.gauss(1.5 + i % 3, 0.5) for _ in range(steps)],
+                  "gate/drift": [s * rng.choice((0.0005, 0.02)) for s in range(1, steps + 1)],
+                  "gate/mean": [0.5 + rng.gauss(0, 0.01) for _ in range(steps)]}
+        if i % 4 == 0:  # a pruning run
+            series = {"mask/active_tokens": [64 - 48 * min(1, s / (steps - 2)) for s in range(1, steps + 1)]}
+        final = {"acc/hm": rng.uniform(50, 80), "params/trainable": 2052.0}
+        if summaries:
+            final.update(evidence({k: list(enumerate(v, start=1)) for k, v in series.items()}).as_metrics())
+        metrics = [Metric(k, v, 0, s) for k, vs in series.items() for s, v in enumerate(vs, start=1)]
+        run = client.create_run(experiment_id, run_name=f"{experiment}-{i}", tags={"mlgate.method": f"m{i % 3}"})
+        client.log_batch(run.info.run_id, metrics=metrics + [Metric(k, v, 0, steps) for k, v in final.items()],
+                         params=[Param("method.t_target", "16")] if i % 4 == 0 else [])
+
+
+def test_compare_reads_hundreds_of_runs_in_a_bounded_number_of_store_calls(workdir, monkeypatch):
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from mlgate.compare import build_report
+    from mlgate.compare.render import render_html, render_json
+    from mlgate.verdicts import Evidence
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    sizes = {"few": 24, "many": 150}  # (the HTML looks for the mask files of at most 6 pruning runs)
+    for name, n in sizes.items():
+        _synthetic_runs(client, f"{name}-mlgate", n, summaries=True)
+        _synthetic_runs(client, f"{name}-foreign", n, summaries=False)
+
+    calls: dict[str, int] = {}
+    for name in ("search_runs", "get_metric_history", "get_metric_history_bulk", "get_metric_history_bulk_interval",
+                 "get_run"):
+        def counted(*args, _name=name, _original=getattr(SqlAlchemyStore, name), **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(SqlAlchemyStore, name, counted)
+    statements = []
+    count = lambda *args: statements.append(1)  # noqa: E731 - every SQL statement sent to the database
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        def read(experiment: str, html: bool = False) -> tuple[int, dict, str]:
+            calls.clear(), statements.clear()
+            report = build_report(experiment, uri)
+            page = render_html(report, MlflowClient(uri)) if html else ""
+            return len(statements), dict(calls), render_json(report) + page
+
+        for kind in ("mlgate", "foreign"):
+            few, many = read(f"few-{kind}"), read(f"many-{kind}")
+            assert few[0] == many[0], kind  # as many statements for 150 runs as for 24
+            assert many[1].get("get_metric_history", 0) == 0 and many[1]["search_runs"] == 1
+        assert read("many-mlgate")[1].keys() == {"search_runs"}  # their evidence comes with the search
+        html_few, html_many = read("few-mlgate", html=True), read("many-mlgate", html=True)
+        assert html_few[0] == html_many[0]  # the HTML's curves: histories in bulk too
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+
+    # Judged from their verdict/* metrics, mlgate's runs come out as judged from their histories.
+    with_summaries = read("many-mlgate", html=True)[2]
+    monkeypatch.setattr(Evidence, "from_metrics", classmethod(lambda cls, metrics: None))
+    assert read("many-mlgate", html=True)[2] == with_summaries
+    assert len(json.loads(with_summaries.split("<!doctype")[0])["runs"]) == sizes["many"]

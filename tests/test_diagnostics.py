@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mlgate.diagnostics import Diagnostics, binary_entropy, cancellation, group_grad_norm
+from mlgate.diagnostics import Diagnostics, at_interval, binary_entropy, cancellation, group_grad_norm
 from mlgate.config.spec import StudySpec
 from mlgate.training import train
 from mlgate.verdicts import ADAPTIVE, COLLAPSED
@@ -136,7 +136,7 @@ def test_training_logs_the_vocabulary_at_the_diagnostics_interval():
     diag_steps = [s for s, m in rows if isinstance(m, dict) and "grad/gap_log10" in m]
     assert diag_steps == list(range(1, 7))
     assert ("artifacts", ["gates/steps.npy", "gates/trajectory.npy", "gates/trajectory.png",
-                          "plots/gradient_gap.png"]) in rows
+                          "metrics/history.csv", "plots/gradient_gap.png"]) in rows
     for key in ("acc/val", "acc/base", "acc/novel", "acc/hm", "params/trainable", "gate/drift"):
         assert key in outcome.final
     b, n = outcome.final["acc/base"], outcome.final["acc/novel"]
@@ -169,3 +169,16 @@ def test_sgd_and_adamw_train_differently():
 def test_non_finite_loss_fails_the_trial():
     with pytest.raises(FloatingPointError, match="non-finite"):
         train(_spec(train={"optimizer": {"lr": 1e30}, "steps": 6}))
+
+
+def test_only_the_headline_diagnostics_are_sent_at_every_step_the_others_at_the_interval_and_the_last():
+    row = {"loss/total": 1.0, "loss/cls": 1.0, "grad/prompt_norm": 2.0, "grad/gate_norm": 0.1, "grad/gap_log10": 1.3,
+           "gate/mean": 0.5, "gate/drift": 0.01, "gate/entropy": 0.69, "gate/depth_prob/d3": 0.4,
+           "mask/active_tokens": 12.0, "mask/active_tokens/d0": 4.0}
+    rows = [(step, dict(row)) for step in (10, 20, 30, 40, 50, 60, 65)]
+    sent = at_interval(rows, 50, last_step=65)
+    headline = {"loss/total", "grad/prompt_norm", "grad/gate_norm", "grad/gap_log10", "gate/mean", "gate/drift",
+                "mask/active_tokens"}
+    assert [(step, set(values)) for step, values in sent] == [
+        (10, headline), (20, headline), (30, headline), (40, headline), (50, set(row)), (60, headline), (65, set(row))]
+    assert at_interval(rows, 1, last_step=65) == rows

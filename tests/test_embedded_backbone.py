@@ -90,3 +90,34 @@ def test_a_local_checkpoint_loads_back_and_a_missing_one_is_named(tmp_path, caps
         load_backbone("mlgate-tiny", str(tmp_path / "missing.pt"))
     assert main(["eval", "--pretrained", str(path), "--json"]) == 0  # the local file through the CLI
     assert 0 <= json.loads(capsys.readouterr().out)["acc_base"] <= 100
+
+
+def test_a_backbone_loaded_again_is_a_fresh_copy_and_leaves_the_generator_where_a_first_load_does():
+    import torch
+
+    backbone_module._LOADED.__init__()  # nothing loaded yet in this process
+    torch.manual_seed(7)
+    first = load_backbone("mlgate-tiny", "mlgate")
+    after_first = torch.get_rng_state()
+    torch.manual_seed(7)
+    again = load_backbone("mlgate-tiny", "mlgate")
+    assert torch.equal(torch.get_rng_state(), after_first)  # prompt and gate init draw the same values
+    assert again.model is not first.model and again.tokenizer is first.tokenizer
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+    torch.manual_seed(8)  # a generator state not seen before: created again, and remembered
+    load_backbone("mlgate-tiny", "mlgate")
+    assert len(backbone_module._LOADED.rng_after) == 2
+
+
+def test_the_bundled_datasets_load_the_same_every_time():
+    import torch
+
+    norm = load_backbone("mlgate-tiny", None).image_norm
+    for name in ("shapes", "digits"):
+        a, b = load_dataset(name, 4, 1, norm), load_dataset(name, 4, 1, norm)
+        for split in ("train", "val", "test_base", "test_novel"):
+            assert torch.equal(getattr(a, split).images, getattr(b, split).images)
+            assert torch.equal(getattr(a, split).labels, getattr(b, split).labels)
+        a.train.images.add_(1.0)  # a trial's splits are its own
+        assert not torch.equal(load_dataset(name, 4, 1, norm).train.images, a.train.images)

@@ -45,6 +45,8 @@ def test_monitor_logs_the_vocabulary_from_a_plain_loop(workdir):
     assert math.isclose(data.metrics["grad/gap_log10"],
                         math.log10(data.metrics["grad/prompt_norm"] / data.metrics["grad/gate_norm"]), rel_tol=1e-5)
     assert data.tags["mlgate.verdict"] in ("collapsed", "adaptive")
+    assert data.metrics["verdict/has_gates"] == 1.0  # the evidence the tag was judged from, for compare
+    assert data.metrics["verdict/drift_final"] == data.metrics["gate/drift"]
     assert data.tags["mlgate.method"] == "my_coop"
     # The hook is gone after close: further steps are not recorded.
     optimizer.step()

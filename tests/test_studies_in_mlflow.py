@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -65,6 +66,13 @@ def test_two_trial_study_lands_in_mlflow(workdir, write_spec, capsys):
                     "acc/hm", "acc/val", "params/trainable"):
             assert key in trial.data.metrics, key
         assert [m.step for m in client.get_metric_history(trial.info.run_id, "acc/val")] == [3, 6]
+        # The diagnostics outside the headline ones every logging.detail_every-th step (5) and at the last;
+        # every value of every step in metrics/history.csv.
+        assert [m.step for m in client.get_metric_history(trial.info.run_id, "gate/entropy")] == [5, 6]
+        table = Path(client.download_artifacts(trial.info.run_id, "metrics/history.csv")).read_text().splitlines()
+        assert table[0] == "step,key,value"
+        assert [int(line.split(",")[0]) for line in table if ",gate/entropy," in line] == [1, 2, 3, 4, 5, 6]
+        assert {line.split(",")[1] for line in table[1:]} >= set(trial.data.metrics)
         for strategy in ("fixed", "random", "per_layer", "per_token"):  # Table II, gates swapped at the end
             assert [m.step for m in client.get_metric_history(trial.info.run_id, f"acc/gates/{strategy}")] == [6]
         [data] = trial.inputs.dataset_inputs  # the runs table's Dataset column

@@ -10,7 +10,8 @@
 - ``mlgate_diagnostics``: plus the gradient/gate diagnostics at the trainer's interval
   (``logging.diagnostics_every``; one transfer per flush);
 - ``mlgate_logging``: plus the metrics sent to an MLflow run (SQLite in a temp dir) by the metric
-  sender process, at the trainer's flush cadence (at least twice per timed pass). The sender runs
+  sender process, as the trainer sends them (``logging.detail_every``), at its flush cadence (at least
+  twice per timed pass). The sender runs
   beside the trainer, on cores the trainer leaves idle; its own CPU time is reported too
   (``sender_cpu_ms_per_step``, and ``ratios.logging_cpu`` as a fraction of step time): on a machine
   with no core to spare, logging adds at least that much to a trial.
@@ -36,7 +37,7 @@ from mlgate.bench.measure import measure, paired_ratio
 from mlgate.bench.reference import ReferenceCLIP
 from mlgate.model import load_backbone
 from mlgate.methods.describe import method_config
-from mlgate.diagnostics import Diagnostics
+from mlgate.diagnostics import Diagnostics, at_interval
 from mlgate.methods import build_method
 from mlgate.config.spec import LoggingSpec, TrainSpec
 from mlgate.training.batches import batch_indices
@@ -57,6 +58,7 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
     ``diagnostics_every`` is the trainer's ``logging.diagnostics_every`` (default: the spec's)."""
     if diagnostics_every is None:
         diagnostics_every = LoggingSpec().diagnostics_every
+    detail_interval = diagnostics_every * LoggingSpec().detail_every  # what the trainer sends, as it sends it
     dev = resolve_device(device)
     cfg = method_config(method, overrides or [])
     train_cfg = TrainSpec(compile=compile)
@@ -126,7 +128,7 @@ def bench(method: str = "coop", backbone: str = "mlgate-tiny", n_classes: int = 
                 rows = diag.drain()
                 if sink is not None:
                     logged_steps, undrained = logged_steps + undrained, 0
-                    sink.log_metrics(rows)
+                    sink.log_metrics(at_interval(rows, detail_interval, total))
 
         return step
 

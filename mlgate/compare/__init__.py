@@ -1,8 +1,9 @@
 """``python -m mlgate.compare --experiment NAME``: collapse versus pruning across an experiment's runs.
 
 Reads every run through the MLflow API (any tracking URI), judges each by mlgate's verdict rule
-(docs/verdicts.md) from its metric histories, groups them by method, and renders a terminal table, markdown, CSV, JSON or a
-self-contained HTML report; the report is also logged as artifacts of a ``mlgate.role=report`` run.
+(docs/verdicts.md) from its logged evidence or its metric histories, groups them by method, and
+renders a terminal table, markdown, CSV, JSON or a self-contained HTML report; the report is also
+logged as artifacts of a ``mlgate.role=report`` run.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """Read an experiment's runs through the MLflow API into per-run summaries and their verdicts.
 
 Works on any run that logs mlgate's metric vocabulary (docs/metrics.md), whether mlgate trained it or not.
+A run that carries its verdict's evidence (``verdict/*``, logged by mlgate's trainer and ``mlgate.monitor``
+at its end) is judged from the latest values ``search_runs`` returns; the others from their metric
+histories, read in bulk (``histories.py``).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from typing import Any
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from mlgate.compare.histories import History, read_histories
 from mlgate.errors import MlgateError
-from mlgate.verdicts import EVIDENCE_KEYS, Thresholds, evidence, judge
+from mlgate.verdicts import EVIDENCE_KEYS, Evidence, Thresholds, evidence, judge
 
 VOCABULARY_PREFIXES = ("loss/", "grad/", "gate/", "mask/", "acc/", "params/trainable")
 HISTORY_KEYS = EVIDENCE_KEYS  # what the verdict reads, and the report plots
@@ -52,13 +56,15 @@ class RunSummary:
     compression: float | None = None
     depth_lengths: list[float] = field(default_factory=list)
     baseline: str | None = None
-    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict, repr=False)
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict, repr=False)  # those read so far
+    history_keys: list[str] = field(default_factory=list, repr=False)  # the keys of HISTORY_KEYS it logged
     params: dict[str, str] = field(default_factory=dict, repr=False)
 
     def as_json(self) -> dict[str, Any]:
         """The run object of ``--format json`` (the documented keys, then extras)."""
         data = asdict(self)
         data.pop("history")
+        data.pop("history_keys")
         data.pop("params")
         return data
 
@@ -74,27 +80,24 @@ def _float(value: str | None) -> float | None:
         return None
 
 
-def summarize_run(client: MlflowClient, run: Run, thresholds: Thresholds) -> RunSummary:
-    """Verdict and summary values of one run, from its metric histories where the verdict needs them."""
+def summarize_run(run: Run, thresholds: Thresholds, history: History | None = None) -> RunSummary:
+    """Verdict and summary values of one run: from its ``verdict/*`` metrics, else from ``history``
+    (its metric histories of :data:`HISTORY_KEYS`)."""
     tags, params, latest = run.data.tags, run.data.params, run.data.metrics
-    history = {
-        key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
-                                                key=lambda m: (m.step, m.timestamp))]
-        for key in HISTORY_KEYS if key in latest
-    }
-    seen = evidence(history)
+    history = history or {}
+    seen = Evidence.from_metrics(latest) or evidence(history)
     t_target = next((_float(params[k]) for k in _T_TARGET_PARAMS if k in params), None)
-    active = [v for _, v in history.get("mask/active_tokens", [])]
     depth_keys = sorted((k for k in latest if k.startswith("mask/active_tokens/d")),
                         key=lambda k: int(k.rsplit("/d", 1)[1]))
     trial = tags.get("mlgate.trial")
+    first, final = seen.active_first, seen.active_final
     return RunSummary(
         run_id=run.info.run_id,
         run_name=run.info.run_name or run.info.run_id[:8],
         study=tags.get("mlgate.study"),
         trial=int(trial) if trial is not None and trial.isdigit() else None,
         method=tags.get("mlgate.method") or params.get("method.name") or "unknown",
-        state=tags.get("mlgate.state") or _STATE_OF_STATUS.get(run.info.status, run.info.status),
+        state=_state(run),
         verdict=judge(seen, thresholds, t_target),
         grad_gap_log10=seen.gap_median,
         gate_drift=latest.get("gate/drift"),
@@ -113,10 +116,11 @@ def summarize_run(client: MlflowClient, run: Run, thresholds: Thresholds) -> Run
         noise_sensitivity=latest.get("gate/noise_sensitivity"),
         sampled=_sampled(tags, params),
         t_target=t_target,
-        compression=(1.0 - active[-1] / active[0]) if len(active) > 1 and active[0] else None,
+        compression=(1.0 - final / first) if seen.active_previous is not None and first else None,
         depth_lengths=[latest[k] for k in depth_keys],
         baseline=tags.get("mlgate.baseline"),
         history=history,
+        history_keys=[key for key in HISTORY_KEYS if key in latest],
         params=dict(params),
     )
 
@@ -127,6 +131,28 @@ def _sampled(tags: dict[str, str], params: dict[str, str]) -> dict[str, str]:
     if names is None or names == "(none)":
         return {}
     return {name: params[name] for name in names.split(", ") if name in params}
+
+
+def _varying_params_as_sampled(summaries: list[RunSummary], tags: list[dict[str, str]]) -> None:
+    # Runs another loop logged carry no mlgate.sampled tag: their settings that vary across the
+    # experiment's runs stand for what was searched.
+    foreign = [s for s, t in zip(summaries, tags) if "mlgate.sampled" not in t]
+    keys = {k for s in foreign for k in s.params}
+    varying = sorted(k for k in keys if len({s.params.get(k) for s in foreign}) > 1)
+    for summary in foreign:
+        summary.sampled = {k: summary.params[k] for k in varying if k in summary.params}
+
+
+def _state(run: Run) -> str:
+    return run.data.tags.get("mlgate.state") or _STATE_OF_STATUS.get(run.info.status, run.info.status)
+
+
+def needs_history(run: Run) -> list[str]:
+    """The keys of :data:`HISTORY_KEYS` whose histories ``run``'s verdict is read from (none when it
+    carries its ``verdict/*`` evidence)."""
+    if Evidence.from_metrics(run.data.metrics) is not None:
+        return []
+    return [key for key in HISTORY_KEYS if key in run.data.metrics]
 
 
 def collect_runs(client: MlflowClient, experiment: str, thresholds: Thresholds = Thresholds(),
@@ -156,25 +182,16 @@ def collect_runs(client: MlflowClient, experiment: str, thresholds: Thresholds =
     if not speaking:
         raise MlgateError(f"experiment {experiment!r}: none of its {len(candidates)} runs logs mlgate's metric "
                           "vocabulary (loss/*, grad/*, gate/*, mask/*, acc/*); nothing to compare.")
-    summaries = [summarize_run(client, r, thresholds) for r in speaking]
-    _varying_params_as_sampled(summaries, [r.data.tags for r in speaking])
     if study is not None:
-        summaries = [s for s in summaries if s.study == study]
+        speaking = [r for r in speaking if r.data.tags.get("mlgate.study") == study]
     if states:
-        summaries = [s for s in summaries if s.state in states]
+        speaking = [r for r in speaking if _state(r) in states]
+    histories = read_histories(client, {r.info.run_id: keys for r in speaking if (keys := needs_history(r))})
+    summaries = [summarize_run(r, thresholds, histories.get(r.info.run_id)) for r in speaking]
+    _varying_params_as_sampled(summaries, [r.data.tags for r in speaking])
     if not summaries:
         raise MlgateError(f"experiment {experiment!r}: no runs match the --study/--state filters.")
     return summaries
-
-
-def _varying_params_as_sampled(summaries: list[RunSummary], tags: list[dict[str, str]]) -> None:
-    # Runs another loop logged carry no mlgate.sampled tag: their settings that vary across the
-    # experiment's runs stand for what was searched.
-    foreign = [s for s, t in zip(summaries, tags) if "mlgate.sampled" not in t]
-    keys = {k for s in foreign for k in s.params}
-    varying = sorted(k for k in keys if len({s.params.get(k) for s in foreign}) > 1)
-    for summary in foreign:
-        summary.sampled = {k: summary.params[k] for k in varying if k in summary.params}
 
 
 def heterogeneity(lengths: list[float]) -> float | None:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from mlflow.tracking import MlflowClient
 
+from mlgate.compare.histories import read_histories
 from mlgate.compare.report import Report
 
 RUN_COLUMNS = [
@@ -174,6 +175,8 @@ def _plots(report: Report, client: MlflowClient | None, gap_threshold: float) ->
     methods = sorted({r.method for r in report.runs})
     colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     plots: list[tuple[str, str]] = []
+    if client is not None:  # runs judged from their verdict/* metrics were read without histories
+        _read_missing(report, client, ("grad/gap_log10", "gate/mean", "mask/active_tokens"))
 
     def curves(key: str, title: str, ylabel: str, hline: float | None = None) -> None:
         runs = [r for r in report.runs if r.history.get(key)]
@@ -277,6 +280,15 @@ def _phase_map(report: Report) -> list[tuple[str, str]]:
            ylabel=axes[1] if len(axes) > 1 else "HM accuracy (%)")
     ax.legend(fontsize=8)
     return [("Phase map: the two settings that most decide collapse, trials coloured by verdict", _png(fig))]
+
+
+def _read_missing(report: Report, client: MlflowClient, keys: tuple[str, ...]) -> None:
+    missing = {r.run_id: wanted for r in report.runs
+               if (wanted := [k for k in keys if k in r.history_keys and k not in r.history])}
+    if missing:
+        histories = read_histories(client, missing)
+        for r in report.runs:
+            r.history.update(histories.get(r.run_id, {}))
 
 
 def _mask_heatmaps(report: Report, client: MlflowClient, limit: int = 6) -> list[tuple[str, str]]:

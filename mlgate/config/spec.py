@@ -238,6 +238,12 @@ class LoggingSpec(StrictModel):
     diagnostics_every: int = Field(
         10, ge=1, description="Compute gradient/gate diagnostics, and log the step metrics, every N steps "
         "(and at the last step); 1 for every step.")
+    detail_every: int = Field(
+        5, ge=1, description="Send the diagnostics outside the headline ones (loss/total, grad/prompt_norm, "
+        "grad/gate_norm and what the verdict reads) to MLflow every N-th diagnostics step (and at the last "
+        "step): per-depth series, the loss's parts, gate min/max/entropy/cancellation, method-specific "
+        "metrics. Every value of every step lands in the trial's metrics/history.csv artifact; 1: all as "
+        "metrics.")
     system_metrics_interval: float | None = Field(
         10.0, gt=0.0, description="Seconds between MLflow system metrics (CPU, memory, GPU) of a trial; null: off.")
     flush_every: int = Field(50, ge=1, description="Send buffered metrics to MLflow every N steps.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,18 +28,9 @@ def load_shapes_dataset(shots: int, seed: int, norm: ImageNorm, subsample: str =
     """The bundled task: 20 colour–shape classes (``mlgate.shapes``). The 10 base classes are
     combinations the embedded CLIP saw in pretraining, the 10 novel ones combinations it never saw.
     40 images per class form the few-shot pool and 50 the test set (fixed; the draw follows ``seed``)."""
-    from mlgate.data.shapes import CLASSNAMES, task_images
+    from mlgate.data.shapes import CLASSNAMES
 
-    pool_per_class, test_per_class = 40, 50
-    raw, labels = task_images(pool_per_class + test_per_class, seed=12345)
-    x = torch.as_tensor(raw).permute(0, 3, 1, 2)
-    if x.shape[-1] != norm.size:
-        x = F.interpolate(x, size=(norm.size, norm.size), mode="bilinear", align_corners=False)
-    images = (x - torch.tensor(norm.mean).view(1, 3, 1, 1)) / torch.tensor(norm.std).view(1, 3, 1, 1)
-    per = pool_per_class + test_per_class
-    offsets = np.arange(len(CLASSNAMES))[:, None] * per
-    pool_idx = (offsets + np.arange(pool_per_class)).ravel()
-    test_idx = (offsets + np.arange(pool_per_class, per)).ravel()
+    images, labels, pool_idx, test_idx = _shapes_images(norm)
     return few_shot_data("shapes", CLASSNAMES, images, labels, pool_idx, test_idx, shots, seed, subsample)
 
 
@@ -46,19 +39,59 @@ def load_digits_dataset(shots: int, seed: int, norm: ImageNorm, subsample: str =
 
     The pool/test split is fixed (half of each class each); the few-shot draw follows ``seed``.
     """
+    images, labels, pool_idx, test_idx = _digits_images(norm)
+    return few_shot_data("digits", DIGIT_NAMES, images, labels, pool_idx, test_idx, shots, seed, subsample)
+
+
+# Each bundled dataset's fixed images, rendered or read once per process (a few MB at their own size),
+# then prepared for the backbone's size and normalization per call.
+
+@functools.lru_cache(maxsize=1)
+def _shapes_raw() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from mlgate.data.shapes import CLASSNAMES, task_images
+
+    pool_per_class, test_per_class = 40, 50
+    raw, labels = task_images(pool_per_class + test_per_class, seed=12345)
+    per = pool_per_class + test_per_class
+    offsets = np.arange(len(CLASSNAMES))[:, None] * per
+    pool_idx = (offsets + np.arange(pool_per_class)).ravel()
+    test_idx = (offsets + np.arange(pool_per_class, per)).ravel()
+    return _read_only(raw, labels, pool_idx, test_idx)
+
+
+def _shapes_images(norm: ImageNorm) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    raw, labels, pool_idx, test_idx = _shapes_raw()
+    x = torch.from_numpy(raw.copy()).permute(0, 3, 1, 2)
+    if x.shape[-1] != norm.size:
+        x = F.interpolate(x, size=(norm.size, norm.size), mode="bilinear", align_corners=False)
+    images = (x - torch.tensor(norm.mean).view(1, 3, 1, 1)) / torch.tensor(norm.std).view(1, 3, 1, 1)
+    return images, labels, pool_idx.copy(), test_idx.copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_raw() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     labels = digits.target.astype(np.int64)
-    images = _to_model_images(digits.images / 16.0, norm)
     fixed = np.random.default_rng(0)
     pool, test = [], []
     for c in range(10):
         idx = fixed.permutation(np.flatnonzero(labels == c))
         pool.append(idx[: len(idx) // 2])
         test.append(idx[len(idx) // 2 :])
-    pool_idx, test_idx = np.concatenate(pool), np.concatenate(test)
-    return few_shot_data("digits", DIGIT_NAMES, images, labels, pool_idx, test_idx, shots, seed, subsample)
+    return _read_only(digits.images / 16.0, labels, np.concatenate(pool), np.concatenate(test))
+
+
+def _digits_images(norm: ImageNorm) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    gray, labels, pool_idx, test_idx = _digits_raw()
+    return _to_model_images(gray.copy(), norm), labels, pool_idx.copy(), test_idx.copy()
+
+
+def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
 
 
 LOADERS = {"shapes": load_shapes_dataset, "digits": load_digits_dataset}

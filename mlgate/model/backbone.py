@@ -5,6 +5,8 @@ ordinary open_clip model config (``configs/``) with weights shipped in ``weights
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import json
 import logging
@@ -27,7 +29,9 @@ def load_backbone(name: str, pretrained: str | None, device: torch.device | str 
     """Create a frozen :class:`PromptedCLIP` from an open_clip model name.
 
     ``pretrained`` is an open_clip pretrained tag (``openai``), a local checkpoint path, or None for
-    random init. Loading problems become :class:`MlgateError` naming the weights.
+    random init. Loading problems become :class:`MlgateError` naming the weights. The last pretrained
+    weights loaded stay in host memory, so the trials of a study load them once; each call gets its
+    own copy.
     """
     if name not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if name.lower().split("-")[0] in m.lower()][:8]
@@ -36,11 +40,57 @@ def load_backbone(name: str, pretrained: str | None, device: torch.device | str 
             f"backbone.name: unknown open_clip model {name!r}.{hint} The embedded default is "
             f"{EMBEDDED_BACKBONE!r}; `python -c 'import open_clip; print(open_clip.list_models())'` lists all."
         )
-    if pretrained == EMBEDDED_WEIGHTS:
-        return _load_embedded(name, device)
+    if pretrained is None:  # random init: the weights are the caller's draw
+        return PromptedCLIP(_create(name, None, device), _tokenizer(name), name)
+    model = _LOADED.get(name, pretrained)
+    return PromptedCLIP(copy.deepcopy(model).to(device), _tokenizer(name), name)
+
+
+class _LastLoaded:
+    """The last pretrained weights loaded, on the CPU. Creating a model draws its random init from the
+    global generator before the weights replace it, and a trial's later draws (prompt and gate init)
+    follow from there: a copy advances the generator as creating it did from the same state."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.model: torch.nn.Module | None = None
+        self.rng_after: dict[bytes, torch.Tensor] = {}  # generator state before creating → after
+
+    def get(self, name: str, pretrained: str) -> torch.nn.Module:
+        key = (name, pretrained, _file_identity(name, pretrained))
+        before = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).digest()
+        if key == self.key and before in self.rng_after:
+            torch.set_rng_state(self.rng_after[before])
+            return self.model
+        model = (_load_embedded(name) if pretrained == EMBEDDED_WEIGHTS else _create(name, pretrained, "cpu"))
+        if key != self.key:
+            self.key, self.rng_after = key, {}
+        self.model = model
+        self.rng_after[before] = torch.get_rng_state()
+        return model
+
+
+def _file_identity(name: str, pretrained: str) -> tuple | None:
+    # Weights read from a file are reloaded when the file changes.
+    path = WEIGHTS_DIR / f"{name}.pt" if pretrained == EMBEDDED_WEIGHTS else Path(pretrained)
+    with contextlib.suppress(OSError):
+        stat = path.stat()
+        return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+    return None
+
+
+_LOADED = _LastLoaded()
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(name: str):
+    return open_clip.get_tokenizer(name)
+
+
+def _create(name: str, pretrained: str | None, device: torch.device | str) -> torch.nn.Module:
     try:
         with _quiet_random_init(), _quiet_download_errors():
-            model = open_clip.create_model(
+            return open_clip.create_model(
                 name, pretrained=pretrained, device=device, require_pretrained=pretrained is not None
             )
     except Exception as exc:  # download / file / state-dict errors: say which weights and how to provide them
@@ -49,7 +99,6 @@ def load_backbone(name: str, pretrained: str | None, device: torch.device | str 
             "open_clip pretrained tag whose weights are cached or downloadable, or a local checkpoint "
             "path (backbone.pretrained=/path/to/model.pt); set backbone.pretrained=null for random init."
         ) from None
-    return PromptedCLIP(model, open_clip.get_tokenizer(name), name)
 
 
 @contextlib.contextmanager
@@ -82,7 +131,7 @@ def embedded_weights_info() -> dict:
     return json.loads((WEIGHTS_DIR / f"{EMBEDDED_BACKBONE}.json").read_text())
 
 
-def _load_embedded(name: str, device: torch.device | str) -> PromptedCLIP:
+def _load_embedded(name: str) -> torch.nn.Module:
     # The shipped, pretrained mlgate-tiny (see mlgate.model.pretrain): checked against its recorded sha256.
     if name != EMBEDDED_BACKBONE:
         raise MlgateError(f"backbone.pretrained: {EMBEDDED_WEIGHTS!r} weights exist for {EMBEDDED_BACKBONE!r} "
@@ -99,7 +148,7 @@ def _load_embedded(name: str, device: torch.device | str) -> PromptedCLIP:
     with _quiet_random_init():  # random init is immediately overwritten by the shipped weights
         model = open_clip.create_model(EMBEDDED_BACKBONE, pretrained=None)
     load_compact(model, path)
-    return PromptedCLIP(model.to(device), open_clip.get_tokenizer(EMBEDDED_BACKBONE), EMBEDDED_BACKBONE)
+    return model
 
 
 def save_compact(model: torch.nn.Module, token_ids: torch.Tensor, path: Path) -> str:

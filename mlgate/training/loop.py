@@ -20,7 +20,7 @@ from mlgate.config.loading import schedule_problems
 from mlgate.config.spec import StudySpec
 from mlgate.data import FewShotData, Split, load_dataset
 from mlgate.data.images import ImageSet
-from mlgate.diagnostics import Diagnostics, input_spread
+from mlgate.diagnostics import Diagnostics, at_interval, input_spread
 from mlgate.errors import MlgateError
 from mlgate.methods import PromptMethod, build_method
 from mlgate.methods.describe import inference_gflops
@@ -153,7 +153,7 @@ def train(spec: StudySpec, sink: Sink | None = None,
         if not rows:
             return
         history.add(rows)
-        sink.log_metrics(rows)
+        sink.log_metrics(at_interval(rows, spec.logging.diagnostics_every * spec.logging.detail_every, steps))
         bad = next((s for s, m in rows if not math.isfinite(m["loss/total"])), None)
         if bad is not None:
             raise FloatingPointError(f"the loss became non-finite at step {bad}")
@@ -205,11 +205,25 @@ def train(spec: StudySpec, sink: Sink | None = None,
         history.add([(steps, finished)])
         sink.log_metrics([(steps, finished)])
     finally:
-        # Whatever stopped the loop (the end, pruning, an error), what was measured is kept.
+        # Whatever stopped the loop (the end, pruning, an error), what was measured is kept, with the
+        # verdict's evidence from it (docs/metrics.md: verdict/*) at the last step logged.
         flush()
+        last = max((s[-1] for s in history.steps.values()), default=0)
+        summary = [(last, history.evidence().as_metrics())]
+        history.add(summary)
+        sink.log_metrics(summary)
         _log_artifacts(sink, method, gate_steps, gate_values, history, spec.logging.verdict.gap_log10)
     return TrialOutcome(final=history.final, history=history.series,
                         verdict=history.verdict(Thresholds(**spec.logging.verdict.model_dump()), spec.t_target))
+
+
+def _write_history(out: Path, history: MetricHistory) -> None:
+    # Every value the trial measured, step by step (MLflow gets some diagnostics at a coarser interval).
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(((step, key, value) for key in history.series
+                   for step, value in zip(history.steps[key], history.series[key])), key=lambda row: row[:2])
+    lines = ["step,key,value"] + [f"{step},{key},{value!r}" for step, key, value in rows]
+    (out / "history.csv").write_text("\n".join(lines) + "\n")
 
 
 def _log_artifacts(sink: Sink, method: PromptMethod, gate_steps: list[int], gate_values: list[torch.Tensor],
@@ -218,6 +232,7 @@ def _log_artifacts(sink: Sink, method: PromptMethod, gate_steps: list[int], gate
         if gate_values:
             plots.gate_trajectory(Path(tmp) / "gates", gate_steps, list(torch.stack(gate_values).cpu().numpy()))
         plots.trial_plots(Path(tmp) / "plots", history.series, history.steps, gap_threshold)
+        _write_history(Path(tmp) / "metrics", history)
         method.save_artifacts(Path(tmp))
         if any(Path(tmp).iterdir()):
             sink.log_artifacts(Path(tmp))
