@@ -134,21 +134,23 @@ class NoPrunerSpec(OptunaKind):
     type: Literal["none"]
 
 
-class MedianPrunerSpec(OptunaKind):
-    optuna_class: ClassVar[str] = "MedianPruner"
-    type: Literal["median"] = "median"
+class _WarmupPrunerSpec(OptunaKind):
+    """The warmup fields Optuna's median and percentile pruners share."""
+
     n_startup_trials: int = Field(5, ge=0)
     n_warmup_steps: int = Field(0, ge=0)
     interval_steps: int = Field(1, ge=1)
 
 
-class PercentilePrunerSpec(OptunaKind):
+class MedianPrunerSpec(_WarmupPrunerSpec):
+    optuna_class: ClassVar[str] = "MedianPruner"
+    type: Literal["median"] = "median"
+
+
+class PercentilePrunerSpec(_WarmupPrunerSpec):
     optuna_class: ClassVar[str] = "PercentilePruner"
     type: Literal["percentile"]
     percentile: float = Field(25.0, gt=0.0, lt=100.0)
-    n_startup_trials: int = Field(5, ge=0)
-    n_warmup_steps: int = Field(0, ge=0)
-    interval_steps: int = Field(1, ge=1)
 
 
 class HyperbandPrunerSpec(OptunaKind):
