@@ -66,7 +66,7 @@ def _quiet(n: int):
 
     class Quiet(Progress):
         def echo(self, line: str) -> None:
-            pass
+            """Prints nothing."""
 
     return Quiet(n, live=False)
 

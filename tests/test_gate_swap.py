@@ -14,6 +14,7 @@ from mlgate.config.spec import StudySpec, TrainSpec
 from mlgate.training.evaluation import accuracy
 from mlgate.training.step import build_optimizer, check_optimizer_covers, seed_everything
 from mlgate.training import train
+from mlgate.training.loop import NullSink
 from tests.conftest import TINY, deep_update
 
 CLASSES = ["zero", "one", "two", "three", "four", "five"]
@@ -127,18 +128,14 @@ def test_random_gate_strategy_is_drawn_from_the_trial_seed(clip):
     assert depth.abs().min() > 0.2 and not torch.equal(depth, torch.full_like(depth, 1.0))  # random, not the init
 
 
-class Rows:
+class Rows(NullSink):
+    """Keeps the metric rows a trial sends, with their steps (artifacts and images are dropped)."""
+
     def __init__(self):
         self.rows = []
 
     def log_metrics(self, rows):
         self.rows += rows
-
-    def log_artifacts(self, local_dir):
-        pass
-
-    def log_image(self, key, image, step):
-        pass
 
 
 @pytest.mark.parametrize("method, logging, logged", [
